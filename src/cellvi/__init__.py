@@ -1,0 +1,43 @@
+"""cellvi: deep generative models for single-cell and spatial omics.
+
+One install, four models built on scvi-tools:
+
+- :class:`cellvi.SCAR` -- ambient RNA removal from droplet data.
+- :class:`cellvi.VELOVI` -- RNA velocity by variational inference.
+- :class:`cellvi.FADVI` -- batch / label / residual disentanglement, label prediction, attributions.
+- :class:`cellvi.AMICI` and :mod:`cellvi.interpretation` -- cell-cell interactions from spatial data.
+
+Seeded simulators with known ground truth live in :mod:`cellvi.data`.
+
+Models and submodules are imported on first use, so ``import cellvi`` stays cheap
+(the command line's ``--help`` does not pay for torch).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("cellvi")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0+unknown"
+
+# public name -> module that defines it
+_MODELS: dict[str, str] = {
+}
+_SUBMODULES = ("data",)
+
+__all__ = [*_MODELS, *_SUBMODULES]
+
+
+def __getattr__(name: str):
+    if name in _MODELS:
+        return getattr(import_module(_MODELS[name]), name)
+    if name in _SUBMODULES:
+        return import_module(f"cellvi.{name}")
+    raise AttributeError(f"module 'cellvi' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

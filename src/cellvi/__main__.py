@@ -1,0 +1,5 @@
+import sys
+
+from cellvi._cli import main
+
+sys.exit(main())

@@ -1,0 +1,28 @@
+"""Seeded simulators with known ground truth.
+
+Every simulator takes a ``seed`` and size arguments and returns an :class:`~anndata.AnnData`
+whose ground truth is kept beside the observed data (``layers``, ``obs``, ``obsm``, ``varm``, ``uns``),
+so tests, demos, benchmarks and users share the same data.
+
+- :func:`simulate_ambient` -- droplet data with ambient RNA contamination (SCAR).
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+# public function -> module that defines it
+_FUNCTIONS: dict[str, str] = {
+}
+
+__all__ = list(_FUNCTIONS)
+
+
+def __getattr__(name: str):
+    if name in _FUNCTIONS:
+        return getattr(import_module(_FUNCTIONS[name]), name)
+    raise AttributeError(f"module 'cellvi.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
