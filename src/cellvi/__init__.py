@@ -26,7 +26,9 @@ except PackageNotFoundError:  # running from a source tree without an install
 # public name -> module that defines it
 _MODELS: dict[str, str] = {
 }
-_SUBMODULES = ("data",)
+_SUBMODULES = (
+    "data",
+)
 
 __all__ = [*_MODELS, *_SUBMODULES]
 

@@ -11,7 +11,8 @@ import argparse
 import sys
 from importlib import import_module
 
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = (
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,8 @@ import time
 from importlib import import_module
 from pathlib import Path
 
-SECTIONS: tuple[str, ...] = ()
+SECTIONS: tuple[str, ...] = (
+)
 
 
 def main(argv: list[str] | None = None) -> int:
