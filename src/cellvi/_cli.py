@@ -12,6 +12,7 @@ import sys
 from importlib import import_module
 
 COMMANDS: tuple[str, ...] = (
+    "scar",
 )
 
 

@@ -14,6 +14,7 @@ from importlib import import_module
 from pathlib import Path
 
 SECTIONS: tuple[str, ...] = (
+    "scar",
 )
 
 

@@ -5,6 +5,7 @@ whose ground truth is kept beside the observed data (``layers``, ``obs``, ``obsm
 so tests, demos, benchmarks and users share the same data.
 
 - :func:`simulate_ambient` -- droplet data with ambient RNA contamination (SCAR).
+- :func:`simulate_velocity` -- spliced/unspliced counts along switching-ODE trajectories (VELOVI).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from importlib import import_module
 
 # public function -> module that defines it
 _FUNCTIONS: dict[str, str] = {
+    "simulate_ambient": "cellvi.data._ambient",
+    "simulate_velocity": "cellvi.data._velocity",
 }
 
 __all__ = list(_FUNCTIONS)
