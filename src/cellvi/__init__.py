@@ -26,6 +26,7 @@ except PackageNotFoundError:  # running from a source tree without an install
 # public name -> module that defines it
 _MODELS: dict[str, str] = {
     "SCAR": "cellvi.scar",
+    "AMICI": "cellvi.amici",
 }
 _SUBMODULES = (
     "data",

@@ -5,7 +5,9 @@ whose ground truth is kept beside the observed data (``layers``, ``obs``, ``obsm
 so tests, demos, benchmarks and users share the same data.
 
 - :func:`simulate_ambient` -- droplet data with ambient RNA contamination (SCAR).
+- :func:`simulate_spatial` -- spatial tissue with planted sender -> receiver effects (AMICI).
 - :func:`simulate_velocity` -- spliced/unspliced counts along switching-ODE trajectories (VELOVI).
+- :func:`simulate_batches` -- batches, cell types with unlabeled cells, a residual program, covariates (FADVI).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from importlib import import_module
 
 # public function -> module that defines it
 _FUNCTIONS: dict[str, str] = {
+    "simulate_spatial": "cellvi.data._spatial",
     "simulate_ambient": "cellvi.data._ambient",
     "simulate_velocity": "cellvi.data._velocity",
+    "simulate_batches": "cellvi.data._batches",
 }
 
 __all__ = list(_FUNCTIONS)

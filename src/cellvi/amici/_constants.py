@@ -1,0 +1,37 @@
+"""Keys of the minibatch tensors and of the module outputs of :class:`cellvi.AMICI`."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class _AmiciKeys(NamedTuple):
+    # registered AnnData fields (minibatch keys)
+    X: str = "X"
+    LABELS: str = "labels"
+    COORDS: str = "coordinates"
+    NN_IDX: str = "nn_idx"
+    NN_DIST: str = "nn_dist"
+    # gathered by the neighbour data path
+    NN_X: str = "nn_x"  # (B, K, G) neighbour expression (plain form)
+    NN_X_UNIQUE: str = "nn_x_unique"  # (U, G) expression of the unique neighbour cells
+    NN_INVERSE: str = "nn_inverse"  # (B, K) row of nn_x_unique for each neighbour slot
+    INDICES: str = "_indices"  # (B,) row indices of the receivers (index loader output)
+    # inference outputs
+    QUERIES: str = "queries"
+    LABEL_EMBED: str = "label_embed"
+    NN_EMBED: str = "nn_embed"
+    KEYS: str = "keys"
+    VALUES: str = "values"
+    POS_HIDDEN: str = "pos_hidden"
+    # generative outputs
+    ATTENTION: str = "attention"
+    ATTENTION_SCORES: str = "attention_scores"
+    BASE_SCORES: str = "base_scores"
+    DISTANCE_COEF: str = "distance_coef"
+    HEAD_RESIDUALS: str = "head_residuals"
+    RESIDUAL: str = "residual"
+    PREDICTION: str = "prediction"
+
+
+AMICI_KEYS = _AmiciKeys()
