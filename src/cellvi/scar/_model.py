@@ -1,0 +1,748 @@
+"""User API of SCAR: ambient RNA removal (setup, training, denoised counts, accessors, assignment)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import sparse
+from scvi import REGISTRY_KEYS, settings
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
+from scvi.model.base import BaseModelClass, RNASeqMixin, UnsupervisedTrainingMixin, VAEMixin
+from scvi.module.base._decorators import _move_data_to_device
+
+from cellvi._validation import (
+    check_counts,
+    check_layer,
+    check_no_empty_rows,
+    check_obs_key,
+    check_positive_int,
+    get_matrix,
+    layer_arg,
+)
+
+from . import _assign, _profile
+from ._module import SCARModule
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+logger = logging.getLogger(__name__)
+
+
+class SCAR(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+    """Ambient RNA removal in scRNA-seq data :cite:p:`Sheng22`.
+
+    Each cell is a mixture of native expression and ambient RNA,
+    ``p_cg = (1 - rho_c) f_cg + rho_c a_g``, with a per-cell noise ratio ``rho_c``, sparse native
+    frequencies ``f_c`` decoded from a latent ``z`` and a fixed ambient profile ``a`` (one per batch).
+    Original implementation: Novartis/scar; API of ``scvi.external.SCAR``.
+
+    Parameters
+    ----------
+    adata
+        AnnData object that has been registered via :meth:`~cellvi.SCAR.setup_anndata`.
+    ambient_profile
+        The probability of occurrence of each ambient transcript. A key of ``adata.varm``, an array
+        or DataFrame of shape ``(n_genes,)``, ``(n_genes, 1)`` or ``(n_genes, n_batches)`` (one column
+        per category of the registered batch, in category order), or a tensor. If None, the profile
+        written by :meth:`get_ambient_profile` (``adata.varm["ambient_profile"]``) is used when
+        present; otherwise averaging cells to estimate the ambient profile (with a warning: the
+        contamination is then only weakly identifiable), by default None.
+    n_hidden
+        Number of nodes per hidden layer.
+    n_latent
+        Dimensionality of the latent space.
+    n_layers
+        Number of hidden layers used for encoder and decoder NNs.
+    dropout_rate
+        Dropout rate for neural networks.
+    gene_likelihood
+        One of:
+
+        * ``'b'`` - Binomial distribution (total count: the exact observed library size)
+        * ``'nb'`` - Negative binomial distribution
+        * ``'zinb'`` - Zero-inflated negative binomial distribution
+        * ``'poisson'`` - Poisson distribution
+    latent_distribution
+        One of:
+
+        * ``'normal'`` - Normal distribution
+        * ``'ln'`` - Logistic normal distribution (Normal(0, I) transformed by softmax)
+    scale_activation
+        Activation layer to use for px_scale_decoder
+    sparsity
+        The sparsity of expected native signals. It varies between datasets, e.g., if one prefilters
+        genes -- using only highly variable genes -- the sparsity should be low; on the other hand, it
+        should be set high in the case of unfiltered genes. Use 1 for guide, hashtag or CMO counts.
+    **model_kwargs
+        Keyword args for :class:`~cellvi.scar._module.SCARModule` (``log_variational``,
+        ``use_batch_norm``, ``use_layer_norm``).
+
+    Examples
+    --------
+    >>> import cellvi
+    >>> adata, raw_adata = cellvi.data.simulate_ambient(n_cells=200, n_genes=100, n_empty=2000, seed=0)
+    >>> cellvi.SCAR.setup_anndata(adata)
+    >>> profile = cellvi.SCAR.get_ambient_profile(adata=adata, raw_adata=raw_adata)
+    >>> vae = cellvi.SCAR(adata)
+    >>> vae.train(max_epochs=2, enable_progress_bar=False)
+    >>> adata.obsm["X_scAR"] = vae.get_latent_representation()
+    >>> adata.layers["denoised"] = vae.get_denoised_counts()
+    >>> adata.obs["contamination_est"] = vae.get_contamination_fraction()
+    """
+
+    _module_cls = SCARModule
+
+    def __init__(
+        self,
+        adata: AnnData,
+        ambient_profile: str | np.ndarray | pd.DataFrame | torch.Tensor | None = None,
+        n_hidden: int = 150,
+        n_latent: int = 15,
+        n_layers: int = 2,
+        dropout_rate: float = 0.0,
+        gene_likelihood: Literal["zinb", "nb", "b", "poisson"] = "b",
+        latent_distribution: Literal["normal", "ln"] = "normal",
+        scale_activation: Literal["softmax", "softplus", "softplus_sp"] = "softplus_sp",
+        sparsity: float = 0.9,
+        **model_kwargs,
+    ):
+        super().__init__(adata)
+        check_positive_int(n_hidden, "n_hidden")
+        check_positive_int(n_latent, "n_latent")
+        check_positive_int(n_layers, "n_layers")
+        if not 0 <= dropout_rate < 1:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}.")
+        if not 0 <= sparsity <= 1:
+            raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}.")
+        n_batch = self.summary_stats.n_batch
+        profile = self._resolve_ambient_profile(adata, ambient_profile, n_batch)
+        use_size_factor_key = REGISTRY_KEYS.SIZE_FACTOR_KEY in self.adata_manager.data_registry
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            ambient_profile=profile,
+            n_batch=n_batch,
+            n_hidden=n_hidden,
+            n_latent=n_latent,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+            gene_likelihood=gene_likelihood,
+            latent_distribution=latent_distribution,
+            scale_activation=scale_activation,
+            sparsity=sparsity,
+            use_size_factor_key=use_size_factor_key,
+            **model_kwargs,
+        )
+        self._model_summary_string = (
+            f"cellvi SCAR: n_hidden: {n_hidden}, n_latent: {n_latent}, n_layers: {n_layers}, "
+            f"dropout_rate: {dropout_rate}, gene_likelihood: {gene_likelihood}, "
+            f"latent_distribution: {latent_distribution}, sparsity: {sparsity}, n_batch: {n_batch}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # -- setup -----------------------------------------------------------------------------------
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        layer: str | None = None,
+        size_factor_key: str | None = None,
+        **kwargs,
+    ):
+        """Sets up the :class:`~anndata.AnnData` object for this model.
+
+        A mapping will be created between data fields used by this model to their respective
+        locations in adata. None of the data in adata are modified. Only adds fields to adata.
+        The counts are checked first (chunked, sparse stays sparse): they must be finite,
+        non-negative integers and every cell must have at least one count.
+
+        Parameters
+        ----------
+        adata
+            AnnData object. Rows represent cells, columns represent features.
+        batch_key
+            key in ``adata.obs`` for batch information. Categories will automatically be converted into
+            integer categories and saved to ``adata.obs['_scvi_batch']``. If ``None``, assigns the same
+            batch to all the data. With more than one batch, SCAR uses one ambient profile per batch
+            and conditions its encoder and decoder on the batch.
+        labels_key
+            key in ``adata.obs`` for label information. Categories will automatically be converted into
+            integer categories and saved to ``adata.obs['_scvi_labels']``. If ``None``, assigns the same
+            label to all the data.
+        layer
+            if not ``None``, uses this as the key in ``adata.layers`` for raw count data.
+        size_factor_key
+            key in ``adata.obs`` for size factor information. Instead of using library size as a size
+            factor, the provided size factor column will be used as offset in the mean of the
+            likelihood. Assumed to be on linear scale. (The Binomial always uses the observed total.)
+        """
+        check_layer(adata, layer)
+        check_obs_key(adata, batch_key, "batch_key")
+        check_obs_key(adata, labels_key, "labels_key")
+        check_obs_key(adata, size_factor_key, "size_factor_key")
+        X = get_matrix(adata, layer)
+        check_counts(X, layer_arg(layer))
+        check_no_empty_rows(X, layer_arg(layer), adata.obs_names)
+        if size_factor_key is not None:
+            sf = np.asarray(adata.obs[size_factor_key], dtype=np.float64)
+            if not np.all(np.isfinite(sf)) or np.any(sf <= 0):
+                raise ValueError(f"size_factor_key={size_factor_key!r}: size factors must be finite and > 0.")
+        setup_method_args = cls._get_setup_method_args(**locals())
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            NumericalObsField(REGISTRY_KEYS.SIZE_FACTOR_KEY, size_factor_key, required=False),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    def _resolve_ambient_profile(self, adata, ambient_profile, n_batch: int) -> np.ndarray:
+        """The ambient profile as an array ``(n_batch, n_genes)`` with rows summing to 1."""
+        n_genes = self.summary_stats.n_vars
+        arg = "ambient_profile"
+        if ambient_profile is None and "ambient_profile" in adata.varm:
+            ambient_profile, arg = "ambient_profile", "adata.varm['ambient_profile']"
+        if ambient_profile is None:
+            warnings.warn(
+                "No ambient profile given and none in adata.varm['ambient_profile']: using the mean of the "
+                "cells, which makes the contamination only weakly identifiable. Estimate it from the empty "
+                "droplets with SCAR.get_ambient_profile(adata, raw_adata) first.",
+                UserWarning,
+                stacklevel=settings.warnings_stacklevel,
+            )
+            X = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+            prof = np.asarray(X.sum(axis=0), dtype=np.float64).reshape(-1, 1)
+        elif isinstance(ambient_profile, str):
+            if ambient_profile not in adata.varm:
+                raise ValueError(f"ambient_profile={ambient_profile!r} is not a key of adata.varm.")
+            arg = f"adata.varm[{ambient_profile!r}]"
+            prof = np.asarray(adata.varm[ambient_profile], dtype=np.float64)
+        elif isinstance(ambient_profile, pd.DataFrame | pd.Series):
+            prof = ambient_profile.to_numpy(dtype=np.float64)
+        elif torch.is_tensor(ambient_profile):
+            prof = ambient_profile.detach().cpu().double().numpy()
+        elif isinstance(ambient_profile, np.ndarray | list | tuple):
+            prof = np.asarray(ambient_profile, dtype=np.float64)
+        else:
+            raise ValueError(
+                f"ambient_profile must be None, a varm key, an array, a DataFrame or a tensor, got "
+                f"{type(ambient_profile).__name__}."
+            )
+        if prof.ndim == 1:
+            prof = prof[:, None]
+        if prof.ndim != 2:
+            raise ValueError(f"{arg} must be 1-D or 2-D, got shape {prof.shape}.")
+        if prof.shape[0] != n_genes and prof.shape[1] == n_genes:
+            prof = prof.T  # (batches, genes) given
+        if prof.shape[0] != n_genes:
+            raise ValueError(f"{arg} has shape {prof.shape}; expected {n_genes} genes (one row per gene of adata).")
+        if prof.shape[1] not in (1, n_batch):
+            raise ValueError(
+                f"{arg} has {prof.shape[1]} columns; expected 1 or one per batch ({n_batch})."
+            )
+        if not np.all(np.isfinite(prof)):
+            raise ValueError(f"{arg} contains NaN or infinite values.")
+        if np.any(prof < 0):
+            raise ValueError(f"{arg} contains negative values; expected probabilities >= 0.")
+        sums = prof.sum(0)
+        if np.any(sums <= 0):
+            raise ValueError(f"{arg} does not sum to a positive value (column sums {sums.tolist()}).")
+        prof = prof / sums
+        if prof.shape[1] == 1:
+            prof = np.repeat(prof, n_batch, axis=1)
+        return prof.T.astype(np.float32)
+
+    # -- ambient profile -------------------------------------------------------------------------
+    @staticmethod
+    def get_ambient_profile(
+        adata: AnnData,
+        raw_adata: AnnData,
+        prob: float = 0.995,
+        min_raw_counts: int = 2,
+        iterations: int = 3,
+        n_batch: int = 1,
+        sample: int = 50000,
+        *,
+        batch_key: str | None = None,
+        seed: int | None = 0,
+        layer: str | None = None,
+    ) -> pd.DataFrame:
+        """Calculate ambient profile for relevant features.
+
+        Identify the cell-free droplets through a multinomial distribution. See EmptyDrops
+        :cite:p:`Lun2019` for details. A droplet outside ``adata`` is cell-free when its counts are
+        a plausible multinomial draw from the current profile *at its own depth*: its log-likelihood
+        is compared with a Monte Carlo null of droplets of the same depth drawn from the profile
+        (so the test does not depend on the number of genes, unlike a fixed ``G * log(prob)``
+        threshold). The profile is re-estimated from the cell-free droplets ``iterations`` times.
+        Cells of ``adata`` are never used or relabelled. The raw matrix is read in sparse chunks
+        and never densified.
+
+        Parameters
+        ----------
+        adata
+            A filtered adata object, loaded from filtered_feature_bc_matrix using ``scanpy.read``, gene
+            filtering is recommended to save memory.
+        raw_adata
+            A raw adata object, loaded from raw_feature_bc_matrix using :func:`~scanpy.read`.
+            It must hold every gene of ``adata``.
+        prob
+            The probability of each gene, considered as containing ambient RNA if greater than prob
+            (joint prob equals to the product of all genes for a droplet), by default 0.995. In
+            cellvi it is the confidence of the depth-aware test: a droplet is cell-free unless its
+            likelihood under the profile is below the ``1 - prob`` quantile of ambient-only droplets
+            of the same depth.
+        min_raw_counts
+            Total counts filter for raw_adata, filtering out low counts to save memory, by default 2.
+        iterations
+            Total iterations, by default 3. With 0, the profile is the mean of the droplets' own
+            profiles, without any test.
+        n_batch
+            Total number of batches, set it to a bigger number when the out-of-memory issue occurs,
+            by default 1. (The droplets are read in this many sparse chunks; nothing is densified.)
+        sample
+            Randomly sample droplets to test, if greater than total droplets, use all droplets, by
+            default 50000.
+        batch_key
+            Column of ``adata.obs`` and ``raw_adata.obs`` with the batch (channel) of each droplet: one
+            profile per batch. If None and ``adata`` was set up with :meth:`setup_anndata` with a
+            ``batch_key``, that key is used.
+        seed
+            Seed of the droplet sampling and of the Monte Carlo null (``None``: not seeded).
+        layer
+            Layer of ``raw_adata`` with the counts (default ``raw_adata.X``).
+
+        Returns
+        -------
+        The relevant ambient profile is added in ``adata.varm["ambient_profile"]`` (genes x batches, each
+        column sums to 1) and returned as a DataFrame (index ``var_names``, one column per batch); its
+        ``attrs["n_cell_free"]`` holds the number of droplets each profile comes from.
+        """
+        if batch_key is None:
+            manager = SCAR._get_most_recent_anndata_manager(adata)
+            if manager is not None:
+                batch_key = manager.registry["setup_args"].get("batch_key")
+        return _profile.get_ambient_profile(
+            adata,
+            raw_adata,
+            prob=prob,
+            min_raw_counts=min_raw_counts,
+            iterations=iterations,
+            n_batch=n_batch,
+            sample=sample,
+            batch_key=batch_key,
+            seed=seed,
+            layer=layer,
+        )
+
+    # -- decoding helper -------------------------------------------------------------------------
+    def _decode(
+        self,
+        adata: AnnData | None,
+        indices: Sequence[int] | None,
+        batch_size: int | None,
+        n_samples: int = 1,
+        give_mean: bool = False,
+        transform_batch: int | None = None,
+    ) -> Iterator[tuple[dict, object]]:
+        """Yield ``(tensors, px)`` per minibatch under inference mode.
+
+        ``px`` has a leading sample dimension when ``n_samples > 1``; with ``give_mean`` (and
+        ``n_samples == 1``) the posterior mean of ``z`` is decoded, so results are deterministic.
+        """
+        check_positive_int(n_samples, "n_samples")
+        adata = self._validate_anndata(adata)
+        scdl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        module = self.module
+        module.eval()
+        with torch.inference_mode():
+            for tensors in scdl:
+                tensors = _move_data_to_device(tensors, self.device)
+                inf = module.inference(**module._get_inference_input(tensors), n_samples=n_samples)
+                if give_mean and n_samples == 1:
+                    inf["z"] = module.z_encoder.z_transformation(inf["qz"].loc)
+                gen = module.generative(
+                    **module._get_generative_input(tensors, inf), transform_batch=transform_batch
+                )
+                yield tensors, gen["px"]
+
+    def _cell_index(self, adata, indices) -> pd.Index:
+        adata = self._validate_anndata(adata)
+        return adata.obs_names if indices is None else adata.obs_names[np.asarray(indices)]
+
+    # -- SCAR outputs ----------------------------------------------------------------------------
+    def get_denoised_counts(
+        self,
+        adata: AnnData | None = None,
+        n_samples: int = 1,
+        batch_size: int | None = None,
+        *,
+        indices: Sequence[int] | None = None,
+        method: Literal["posterior", "resynthesis"] = "posterior",
+        clip_to_obs: bool = True,
+    ) -> sparse.csr_matrix:
+        r"""Generate observation samples from the posterior predictive distribution.
+
+        The posterior predictive distribution is written as :math:`p(\hat{x} \mid x)`; here it is the
+        native part of the counts. With ``method="posterior"`` (default) each observed count is split
+        between native and ambient: the denoised count is the stochastic rounding of the posterior
+        mean of the native part, ``x_cg w_cg`` with ``w_cg = (1 - rho_c) f_cg / p_cg`` (exact under the
+        Binomial and Poisson mixtures), so denoised counts never exceed the observed ones. With
+        ``method="resynthesis"`` (the original scAR) the counts are the stochastic rounding of
+        ``N_c (1 - rho_c) f_c``; they can exceed the observed counts unless ``clip_to_obs``.
+
+        Parameters
+        ----------
+        adata
+            AnnData object with equivalent structure to initial AnnData. If None, defaults to the
+            AnnData object used to initialize the model.
+        n_samples
+            Number of samples for each cell; with more than one, the median over the samples.
+        batch_size
+            Minibatch size for data loading into the model. Defaults to ``scvi.settings.batch_size``.
+        indices
+            Indices of cells in adata to use. If None, all cells are used.
+        method
+            ``"posterior"`` (remove ambient counts from the observed ones) or ``"resynthesis"``.
+        clip_to_obs
+            Clip the denoised counts to the observed counts (only changes ``"resynthesis"``; the
+            posterior never exceeds them). Clipping re-synthesised counts inflates the removal.
+
+        Returns
+        -------
+        Sparse integer matrix (CSR, int32) with shape (n_cells, n_genes).
+        """
+        if method not in ("posterior", "resynthesis"):
+            raise ValueError(f"method must be 'posterior' or 'resynthesis', got {method!r}.")
+        blocks = []
+        for tensors, px in self._decode(adata, indices, batch_size, n_samples=n_samples):
+            x = tensors[REGISTRY_KEYS.X_KEY]
+            native_mean = (1 - px.noise_ratio) * px.scale
+            if method == "posterior":
+                mean = x * (native_mean / px.probs.clamp_min(1e-12)).clamp(0, 1)
+            else:
+                mean = x.sum(-1, keepdim=True) * native_mean
+            base = torch.floor(mean)
+            counts = base + torch.bernoulli(mean - base)  # stochastic rounding
+            if clip_to_obs or method == "posterior":
+                counts = torch.minimum(counts, x)
+            if n_samples > 1:
+                counts = counts.median(0).values
+            blocks.append(sparse.csr_matrix(counts.cpu().numpy().astype(np.int32)))
+        return sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, self.summary_stats.n_vars))
+
+    def get_contamination_fraction(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 1,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> pd.Series:
+        """Per-cell contamination fraction (noise ratio) ``rho_c``: the fraction of counts that are ambient.
+
+        Parameters
+        ----------
+        adata
+            AnnData object with equivalent structure to initial AnnData. If None, the model's.
+        indices
+            Indices of cells in adata to use. If None, all cells are used.
+        n_samples
+            Number of posterior samples of ``z``; the result is their mean.
+        give_mean
+            With ``n_samples == 1``, decode the posterior mean of ``z`` (deterministic) instead of a sample.
+        batch_size
+            Minibatch size for data loading into model. Defaults to ``scvi.settings.batch_size``.
+
+        Returns
+        -------
+        Series named ``"contamination"`` indexed by ``obs_names`` (float64).
+        """
+        vals = []
+        for _, px in self._decode(adata, indices, batch_size, n_samples=n_samples, give_mean=give_mean):
+            rho = px.noise_ratio[..., 0]
+            vals.append((rho.mean(0) if n_samples > 1 else rho).cpu().numpy())
+        return pd.Series(
+            np.concatenate(vals).astype(np.float64), index=self._cell_index(adata, indices), name="contamination"
+        )
+
+    def get_native_frequencies(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 1,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+        gene_list: Sequence[str] | None = None,
+        return_numpy: bool = False,
+    ) -> pd.DataFrame | np.ndarray:
+        """Native frequencies ``f_c``: the cell's expression without ambient RNA, summing to 1 over genes.
+
+        Parameters
+        ----------
+        adata
+            AnnData object with equivalent structure to initial AnnData. If None, the model's.
+        indices
+            Indices of cells in adata to use. If None, all cells are used.
+        n_samples
+            Number of posterior samples of ``z``; the result is their mean.
+        give_mean
+            With ``n_samples == 1``, decode the posterior mean of ``z`` (deterministic) instead of a sample.
+        batch_size
+            Minibatch size for data loading into model. Defaults to ``scvi.settings.batch_size``.
+        gene_list
+            Return frequencies for a subset of genes only.
+        return_numpy
+            Return a numpy array instead of a DataFrame (cells x genes).
+        """
+        adata_v = self._validate_anndata(adata)
+        mask = slice(None) if gene_list is None else np.asarray(adata_v.var_names.isin(gene_list))
+        vals = []
+        for _, px in self._decode(adata, indices, batch_size, n_samples=n_samples, give_mean=give_mean):
+            f = px.scale.mean(0) if n_samples > 1 else px.scale
+            vals.append(f[..., mask].cpu().numpy())
+        out = np.concatenate(vals).astype(np.float32)
+        if return_numpy:
+            return out
+        return pd.DataFrame(out, index=self._cell_index(adata, indices), columns=adata_v.var_names[mask])
+
+    def assign_features(
+        self,
+        adata: AnnData | None = None,
+        cutoff: float = 3.0,
+        adjust: Literal["micro", "global", "none"] = "micro",
+        batch_size: int | None = None,
+        return_bayes_factors: bool = False,
+    ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+        r"""Assign guides, hashtags or CMOs to cells: a Bayes-factor test of counts against the ambient.
+
+        For each cell the expected ambient counts are ``lambda_cg = N_c rho_c a_g``. ``adjust="micro"``
+        adds the cell's remaining counts spread evenly over the features,
+        ``(N_c - sum_g lambda_cg) / G``; ``"global"`` adds the mean of that over cells; ``"none"``
+        nothing. The Bayes factor of feature ``g`` is
+        ``BF_cg = P(X <= x_cg) / P(X = x_cg)`` for ``X ~ Poisson(lambda_cg + adjust)``, computed in
+        log space (:math:`\log BF` clipped to 709.78, as in scAR). The features whose Bayes factor
+        reaches ``cutoff`` and equals the cell's maximum are assigned (ties give several; none gives
+        an empty assignment).
+
+        Parameters
+        ----------
+        adata
+            AnnData object with equivalent structure to initial AnnData. If None, the model's.
+        cutoff
+            Minimum Bayes factor to assign a feature, by default 3.
+        adjust
+            ``"micro"``, ``"global"`` or ``"none"`` (see above).
+        batch_size
+            Minibatch size for data loading into model. Defaults to ``scvi.settings.batch_size``.
+        return_bayes_factors
+            Also return the log Bayes factors (cells x features).
+
+        Returns
+        -------
+        DataFrame indexed by ``obs_names`` with ``feature`` (assigned feature names joined by ``"+"``,
+        ``""`` for none), ``n_features`` (int) and ``log_bayes_factor`` (of the best feature); and, if
+        ``return_bayes_factors``, the log Bayes factors.
+        """
+        if adjust not in ("micro", "global", "none"):
+            raise ValueError(f"adjust must be 'micro', 'global' or 'none', got {adjust!r}.")
+        if not cutoff > 0:
+            raise ValueError(f"cutoff must be > 0, got {cutoff!r}.")
+        adata_v = self._validate_anndata(adata)
+        xs, lams = [], []
+        for tensors, px in self._decode(adata, None, batch_size, give_mean=True):
+            xs.append(tensors[REGISTRY_KEYS.X_KEY].cpu().numpy())
+            lams.append(px.ambient_mean.cpu().numpy())
+        x, lam = np.concatenate(xs), np.concatenate(lams)
+        log_bf = _assign.log_bayes_factors(x, lam, adjust)
+        result = _assign.assign(log_bf, np.log(cutoff), adata_v.var_names, adata_v.obs_names)
+        if return_bayes_factors:
+            return result, pd.DataFrame(log_bf, index=adata_v.obs_names, columns=adata_v.var_names)
+        return result
+
+    # -- inherited methods made right for the mixture --------------------------------------------
+    @torch.inference_mode()
+    def get_likelihood_parameters(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int | None = 1,
+        give_mean: bool | None = False,
+        batch_size: int | None = None,
+        dataloader=None,
+        **data_loader_kwargs,
+    ) -> dict[str, np.ndarray]:
+        r"""Estimates for the parameters of the likelihood :math:`p(x \mid z)`.
+
+        Parameters
+        ----------
+        adata
+            AnnData object with equivalent structure to initial AnnData. If `None`, defaults to the
+            AnnData object used to initialize the model.
+        indices
+            Indices of cells in adata to use. If `None`, all cells are used.
+        n_samples
+            Number of posterior samples to use for estimation.
+        give_mean
+            Return expected value of parameters or a samples
+        batch_size
+            Minibatch size for data loading into model. Defaults to `scvi.settings.batch_size`.
+        dataloader
+            Not supported by SCAR (must be None).
+        **data_loader_kwargs
+            Not supported by SCAR.
+
+        Returns
+        -------
+        ``mean`` (the mixture mean ``N_c p_cg``), ``probs`` (the mixture probabilities ``p_cg``),
+        ``native_frequencies`` (``f_cg``), ``noise_ratio`` (``rho_c``), and ``dispersions`` for NB/ZINB
+        and ``dropout`` for ZINB. Arrays are (cells, genes) or, with ``n_samples > 1`` and not
+        ``give_mean``, (samples, cells, genes).
+        """
+        if dataloader is not None or data_loader_kwargs:
+            raise ValueError("dataloader and data loader kwargs are not supported by SCAR.get_likelihood_parameters.")
+        n_samples = n_samples or 1
+        out: dict[str, list] = {}
+        for _, px in self._decode(adata, indices, batch_size, n_samples=n_samples):
+            parts = {
+                "mean": px.mu,
+                "probs": px.probs,
+                "native_frequencies": px.scale,
+                "noise_ratio": px.noise_ratio[..., 0],
+            }
+            if self.module.gene_likelihood in ("nb", "zinb"):
+                parts["dispersions"] = px.theta
+            if self.module.gene_likelihood == "zinb":
+                parts["dropout"] = px.zi_probs
+            for k, v in parts.items():
+                out.setdefault(k, []).append(v.cpu().numpy())
+        axis = 1 if n_samples > 1 else 0
+        res = {k: np.concatenate(v, axis=axis) for k, v in out.items()}
+        if give_mean and n_samples > 1:
+            res = {k: v.mean(0) for k, v in res.items()}
+        return res
+
+    @torch.inference_mode()
+    def _get_denoised_samples(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 25,
+        batch_size: int = 64,
+        rna_size_factor: int = 1000,
+        transform_batch: int | None = None,
+        dataloader=None,
+        **data_loader_kwargs,
+    ) -> np.ndarray:
+        """Native expression samples at ``rna_size_factor`` counts (for feature correlation).
+
+        NB/ZINB: Gamma draws with the learned dispersion around ``rna_size_factor * f``; Binomial and
+        Poisson (no dispersion): the native frequencies of each posterior sample of ``z``.
+        Shape (cells, genes) or (cells, genes, samples).
+        """
+        out = []
+        for _, px in self._decode(adata, indices, batch_size, n_samples=n_samples, transform_batch=transform_batch):
+            rate = rna_size_factor * px.scale
+            if self.module.gene_likelihood in ("nb", "zinb"):
+                theta = px.theta
+                rate = torch.distributions.Gamma(theta, theta / rate.clamp_min(1e-8), validate_args=False).sample()
+            rate = rate.cpu().numpy()
+            out.append(np.transpose(rate, (1, 2, 0)) if n_samples > 1 else rate)
+        return np.concatenate(out, axis=0)
+
+    @torch.inference_mode()
+    def get_latent_library_size(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+        dataloader=None,
+        **data_loader_kwargs,
+    ) -> np.ndarray:
+        r"""Returns the latent library size for each cell.
+
+        This is denoted as :math:`\ell_n` in the scVI paper. SCAR observes the library, so this is
+        the observed total count of each cell (the same with ``give_mean`` True or False).
+
+        Parameters
+        ----------
+        adata
+            AnnData object with equivalent structure to initial AnnData. If `None`, defaults to the
+            AnnData object used to initialize the model.
+        indices
+            Indices of cells in adata to use. If `None`, all cells are used.
+        give_mean
+            Return the mean or a sample from the posterior distribution.
+        batch_size
+            Minibatch size for data loading into model. Defaults to `scvi.settings.batch_size`.
+        dataloader
+            Not supported by SCAR (must be None).
+        **data_loader_kwargs
+            Not supported by SCAR.
+
+        Returns
+        -------
+        Array (cells, 1).
+        """
+        if dataloader is not None or data_loader_kwargs:
+            raise ValueError("dataloader and data loader kwargs are not supported by SCAR.get_latent_library_size.")
+        adata = self._validate_anndata(adata)
+        scdl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        return np.concatenate(
+            [t[REGISTRY_KEYS.X_KEY].sum(-1, keepdim=True).numpy() for t in scdl]
+        ).astype(np.float32)
+
+    @torch.inference_mode()
+    def get_aggregated_posterior(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+        dof: float | None = 3.0,
+    ) -> torch.distributions.Distribution:
+        """Compute the aggregated posterior over the ``u`` latent representations.
+
+        Parameters
+        ----------
+        adata
+            AnnData object to use. Defaults to the AnnData object used to initialize the model.
+        indices
+            Indices of cells to use.
+        batch_size
+            Batch size to use for computing the latent representation.
+        dof
+            Degrees of freedom for the Student's t-distribution components.
+            If ``None``, components are Normal.
+
+        Returns
+        -------
+        A mixture distribution of the aggregated posterior (components use the posterior standard
+        deviation as scale).
+        """
+        import torch.distributions as dist
+
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        if indices is None or len(indices) == 0:
+            indices = np.arange(adata.n_obs)
+        loc, var = self.get_latent_representation(
+            adata=adata, indices=indices, batch_size=batch_size, return_dist=True
+        )
+        loc = torch.tensor(loc, device=self.device)
+        scale = torch.tensor(np.sqrt(var), device=self.device)
+        comp = dist.Normal(loc, scale) if dof is None else dist.StudentT(dof, loc, scale)
+        return dist.MixtureSameFamily(
+            dist.Categorical(logits=torch.ones(loc.shape[0], device=self.device)), dist.Independent(comp, 1)
+        )
