@@ -13,6 +13,7 @@ from importlib import import_module
 
 COMMANDS: tuple[str, ...] = (
     "scar",
+    "amici",
 )
 
 

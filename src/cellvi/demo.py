@@ -15,6 +15,7 @@ from pathlib import Path
 
 SECTIONS: tuple[str, ...] = (
     "scar",
+    "amici",
 )
 
 
