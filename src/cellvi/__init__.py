@@ -30,6 +30,7 @@ _MODELS: dict[str, str] = {
 }
 _SUBMODULES = (
     "data",
+    "dataloaders",
 )
 
 __all__ = [*_MODELS, *_SUBMODULES]
