@@ -1,0 +1,537 @@
+"""FADVAE: the torch model behind :class:`cellvi.FADVI` (knows nothing of AnnData)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from scvi import REGISTRY_KEYS
+from scvi.module._constants import MODULE_KEYS
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.nn import DecoderSCVI, Encoder, FCLayers
+from torch import nn
+from torch.distributions import Normal
+from torch.distributions import kl_divergence as kl
+
+from ._constants import BLOCKS
+
+
+class _Head(nn.Module):
+    """Classifier head: one hidden layer (LayerNorm, ReLU, dropout), then logits.
+
+    LayerNorm rather than BatchNorm, so a head behaves the same for one cell or many and can be
+    called twice per step (as the adversaries are) without touching running statistics.
+    """
+
+    def __init__(self, n_input: int, n_output: int, n_hidden: int, dropout_rate: float):
+        super().__init__()
+        self.net = FCLayers(
+            n_in=n_input,
+            n_out=n_hidden,
+            n_layers=1,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate,
+            use_batch_norm=False,
+            use_layer_norm=True,
+        )
+        self.out = nn.Linear(n_hidden, n_output)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out(self.net(z))
+
+
+def _frozen_call(head: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Call ``head`` on ``z`` with its parameters detached: gradients reach ``z`` only."""
+    params = {name: p.detach() for name, p in head.named_parameters()}
+    return torch.func.functional_call(head, params, (z,))
+
+
+def _masked_ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy over the cells in ``mask`` (0 when the mask is empty)."""
+    if mask is not None:
+        logits, target = logits[mask], target[mask]
+    if target.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, target)
+
+
+def _uniform_gap(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy of the predicted class distribution to the uniform one, minus ``log C`` (>= 0).
+
+    Zero exactly when the prediction carries no information; bounded below, unlike maximising
+    the adversary's cross-entropy.
+    """
+    if mask is not None:
+        logits = logits[mask]
+    if logits.shape[0] == 0 or logits.shape[-1] < 2:
+        return logits.sum() * 0.0
+    return (-F.log_softmax(logits, dim=-1).mean(-1)).mean() - math.log(logits.shape[-1])
+
+
+def cross_covariance_penalty(zs: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over pairs of blocks of the squared Frobenius norm of their cross-covariance."""
+    n = zs[0].shape[-2]
+    if n < 2:
+        return zs[0].sum() * 0.0
+    centred = [z - z.mean(-2, keepdim=True) for z in zs]
+    total = zs[0].new_zeros(())
+    for i in range(len(centred)):
+        for j in range(i + 1, len(centred)):
+            c = centred[i].transpose(-1, -2) @ centred[j] / (n - 1)
+            total = total + c.pow(2).sum((-1, -2)).mean()
+    return total
+
+
+class FADVAE(BaseModuleClass):
+    """Factor-disentangled VAE: three encoders (batch, label, residual) and one decoder.
+
+    ``z = [z_b, z_l, z_r]``. Each block has its own batch-conditioned Gaussian encoder. The priors
+    are conditional: ``p(z_b | s) = N(m_s, I)`` with a learned mean per batch, ``p(z_l | y) =
+    N(m_y, I)`` with a learned mean per label (unlabeled cells: the label posterior of the label
+    head weights the components), and ``p(z_r) = N(0, I)``. Information in ``z_b`` (``z_l``) beyond
+    the batch (label) is charged ``beta_b`` (``beta_l``) times the KL of ``z_r``, so variation that is
+    neither batch nor label is cheapest in ``z_r``. One scVI decoder maps ``z`` (with the batch and
+    categorical covariates injected) to the likelihood.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_batch
+        Number of batches (at least 1).
+    n_labels
+        Number of label classes (the unlabeled category excluded).
+    n_label_codes
+        Number of label codes in the registry (``n_labels`` plus one when an unlabeled category is
+        registered); sets the width of ``gene-label`` dispersion.
+    unlabeled_code
+        Registry code of the unlabeled category, or ``None``.
+    n_hidden, n_latent_b, n_latent_l, n_latent_r, n_layers, dropout_rate, dispersion, gene_likelihood
+        See :class:`cellvi.FADVI`.
+    use_observed_lib_size, library_log_means, library_log_vars
+        Observed library size, or a latent one with a per-batch log-normal prior.
+    n_continuous_cov, n_cats_per_cov
+        Continuous covariates (count) and categories per categorical covariate.
+    use_size_factor_key
+        Use the registered size factor (log) instead of the library size as the offset.
+    log_variational
+        ``log1p`` the counts before encoding.
+    beta, lambda_b, lambda_l, alpha_bl, alpha_lb, alpha_rb, alpha_rl, gamma
+        Loss weights; see :class:`cellvi.FADVI`.
+    beta_b, beta_l
+        Extra KL weight on ``z_b`` and ``z_l`` relative to ``z_r``.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_batch: int = 1,
+        n_labels: int = 1,
+        n_label_codes: int | None = None,
+        unlabeled_code: int | None = None,
+        n_hidden: int = 128,
+        n_latent_b: int = 30,
+        n_latent_l: int = 30,
+        n_latent_r: int = 10,
+        n_layers: int = 2,
+        dropout_rate: float = 0.1,
+        dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
+        gene_likelihood: Literal["zinb", "nb", "poisson"] = "zinb",
+        use_observed_lib_size: bool = True,
+        library_log_means=None,
+        library_log_vars=None,
+        n_continuous_cov: int = 0,
+        n_cats_per_cov: list[int] | None = None,
+        use_size_factor_key: bool = False,
+        log_variational: bool = True,
+        beta: float = 1.0,
+        lambda_b: float = 50.0,
+        lambda_l: float = 50.0,
+        alpha_bl: float = 1.0,
+        alpha_lb: float = 1.0,
+        alpha_rb: float = 1.0,
+        alpha_rl: float = 1.0,
+        gamma: float = 1.0,
+        beta_b: float = 5.0,
+        beta_l: float = 2.0,
+        adversary_scale: float = 50.0,
+        alpha_res: float = 1.0,
+    ):
+        super().__init__()
+        self.n_input = n_input
+        self.n_batch = max(1, n_batch)
+        self.n_labels = n_labels
+        self.n_label_codes = n_label_codes or n_labels
+        self.unlabeled_code = unlabeled_code
+        self.n_latent_b, self.n_latent_l, self.n_latent_r = n_latent_b, n_latent_l, n_latent_r
+        self.dispersion = dispersion
+        self.gene_likelihood = gene_likelihood
+        self.use_observed_lib_size = use_observed_lib_size
+        self.use_size_factor_key = use_size_factor_key
+        self.log_variational = log_variational
+        self.n_continuous_cov = n_continuous_cov
+        self.beta, self.beta_b, self.beta_l = beta, beta_b, beta_l
+        self.lambda_b, self.lambda_l = lambda_b, lambda_l
+        self.alpha = {"bl": alpha_bl, "lb": alpha_lb, "rb": alpha_rb, "rl": alpha_rl}
+        self.gamma = gamma
+        self.adversary_scale = adversary_scale
+        self.alpha_res = alpha_res
+        # scvi-tools' RNASeqMixin reads these
+        self.minified_data_type = None
+        self.latent_distribution = "normal"
+
+        if not use_observed_lib_size:
+            if library_log_means is None or library_log_vars is None:
+                raise ValueError("library_log_means and library_log_vars are required when use_observed_lib_size=False.")
+            self.register_buffer("library_log_means", torch.as_tensor(library_log_means, dtype=torch.float32))
+            self.register_buffer("library_log_vars", torch.as_tensor(library_log_vars, dtype=torch.float32))
+
+        if dispersion == "gene":
+            self.px_r = nn.Parameter(torch.randn(n_input))
+        elif dispersion == "gene-batch":
+            self.px_r = nn.Parameter(torch.randn(n_input, self.n_batch))
+        elif dispersion == "gene-label":
+            self.px_r = nn.Parameter(torch.randn(n_input, self.n_label_codes))
+        elif dispersion != "gene-cell":
+            raise ValueError(
+                f"dispersion must be one of 'gene', 'gene-batch', 'gene-label', 'gene-cell', got {dispersion!r}."
+            )
+        if gene_likelihood not in ("zinb", "nb", "poisson"):
+            raise ValueError(f"gene_likelihood must be one of 'zinb', 'nb', 'poisson', got {gene_likelihood!r}.")
+
+        cat_list = [self.n_batch, *(n_cats_per_cov or [])]
+        n_in = n_input + n_continuous_cov
+        common = {"n_cat_list": cat_list, "n_layers": n_layers, "n_hidden": n_hidden,
+                  "dropout_rate": dropout_rate, "inject_covariates": True, "return_dist": True}
+        self.encoders = nn.ModuleDict(
+            {k: Encoder(n_in, d, **common) for k, d in zip(BLOCKS, (n_latent_b, n_latent_l, n_latent_r), strict=True)}
+        )
+        self.l_encoder = Encoder(n_in, 1, n_layers=1, n_cat_list=cat_list, n_hidden=n_hidden,
+                                 dropout_rate=dropout_rate, return_dist=True)
+        n_latent = n_latent_b + n_latent_l + n_latent_r
+        self.decoder = DecoderSCVI(
+            n_latent + n_continuous_cov,
+            n_input,
+            n_cat_list=cat_list,
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            inject_covariates=True,
+            use_batch_norm=True,
+            use_layer_norm=False,
+            scale_activation="softmax",
+        )
+        # conditional prior means, stored (latent x classes) so that scArches' query mapping
+        # appends the columns of new batches / labels along the last dimension
+        self.prior_mean_b = nn.Parameter(torch.randn(n_latent_b, self.n_batch) * 0.1)
+        self.prior_mean_l = nn.Parameter(torch.randn(n_latent_l, max(1, n_labels)) * 0.1)
+
+        heads = {
+            "batch": (n_latent_b, self.n_batch),
+            "label": (n_latent_l, n_labels),
+            "adv_label_from_b": (n_latent_b, n_labels),
+            "adv_batch_from_l": (n_latent_l, self.n_batch),
+            "adv_batch_from_r": (n_latent_r, self.n_batch),
+            "adv_label_from_r": (n_latent_r, n_labels),
+            "adv_res_from_b": (n_latent_b, n_latent_r),
+            "adv_res_from_l": (n_latent_l, n_latent_r),
+        }
+        self.heads = nn.ModuleDict({k: _Head(i, o, n_hidden, dropout_rate) for k, (i, o) in heads.items()})
+
+    # ------------------------------------------------------------------ inputs
+    def _get_inference_input(self, tensors, full_forward_pass: bool = False):
+        return {
+            MODULE_KEYS.X_KEY: tensors[REGISTRY_KEYS.X_KEY],
+            MODULE_KEYS.BATCH_INDEX_KEY: tensors[REGISTRY_KEYS.BATCH_KEY],
+            MODULE_KEYS.CONT_COVS_KEY: tensors.get(REGISTRY_KEYS.CONT_COVS_KEY, None),
+            MODULE_KEYS.CAT_COVS_KEY: tensors.get(REGISTRY_KEYS.CAT_COVS_KEY, None),
+        }
+
+    def _get_generative_input(self, tensors, inference_outputs):
+        size_factor = tensors.get(REGISTRY_KEYS.SIZE_FACTOR_KEY, None)
+        if size_factor is not None:
+            size_factor = torch.log(size_factor)
+        return {
+            MODULE_KEYS.Z_KEY: inference_outputs[MODULE_KEYS.Z_KEY],
+            MODULE_KEYS.LIBRARY_KEY: inference_outputs[MODULE_KEYS.LIBRARY_KEY],
+            MODULE_KEYS.BATCH_INDEX_KEY: tensors[REGISTRY_KEYS.BATCH_KEY],
+            MODULE_KEYS.Y_KEY: tensors[REGISTRY_KEYS.LABELS_KEY],
+            MODULE_KEYS.CONT_COVS_KEY: tensors.get(REGISTRY_KEYS.CONT_COVS_KEY, None),
+            MODULE_KEYS.CAT_COVS_KEY: tensors.get(REGISTRY_KEYS.CAT_COVS_KEY, None),
+            MODULE_KEYS.SIZE_FACTOR_KEY: size_factor,
+        }
+
+    @staticmethod
+    def _cats(cat_covs):
+        return torch.split(cat_covs.long(), 1, dim=1) if cat_covs is not None else ()
+
+    # --------------------------------------------------------------- inference
+    def encode(self, x, batch_index, cont_covs=None, cat_covs=None) -> dict[str, Normal]:
+        """Posterior distributions ``q(z_b|x,s)``, ``q(z_l|x,s)``, ``q(z_r|x,s)``."""
+        x_ = torch.log1p(x) if self.log_variational else x
+        if cont_covs is not None and self.n_continuous_cov > 0:
+            x_ = torch.cat([x_, cont_covs], dim=-1)
+        cats = self._cats(cat_covs)
+        return {k: self.encoders[k](x_, batch_index, *cats)[0] for k in BLOCKS}
+
+    @auto_move_data
+    def inference(self, x, batch_index, cont_covs=None, cat_covs=None, n_samples: int = 1, use_mean: bool = False):
+        """Encode a minibatch; ``use_mean`` returns posterior means in place of samples."""
+        qs = self.encode(x, batch_index, cont_covs, cat_covs)
+        zs = {}
+        for k, q in qs.items():
+            if use_mean:
+                z = q.loc if n_samples == 1 else q.loc.expand((n_samples, *q.loc.shape))
+            else:
+                z = q.rsample() if n_samples == 1 else q.rsample((n_samples,))
+            zs[k] = z
+        z = torch.cat([zs[k] for k in BLOCKS], dim=-1)
+        qz = Normal(torch.cat([qs[k].loc for k in BLOCKS], -1), torch.cat([qs[k].scale for k in BLOCKS], -1))
+
+        ql = None
+        if self.use_observed_lib_size:
+            library = torch.log(x.sum(1, keepdim=True).clamp(min=1e-8))
+            if n_samples > 1:
+                library = library.expand((n_samples, *library.shape))
+        else:
+            x_ = torch.log1p(x) if self.log_variational else x
+            if cont_covs is not None and self.n_continuous_cov > 0:
+                x_ = torch.cat([x_, cont_covs], dim=-1)
+            ql, library = self.l_encoder(x_, batch_index, *self._cats(cat_covs))
+            if use_mean:
+                library = ql.loc
+            if n_samples > 1:
+                library = ql.loc.expand((n_samples, *ql.loc.shape)) if use_mean else ql.sample((n_samples,))
+        return {
+            MODULE_KEYS.Z_KEY: z,
+            MODULE_KEYS.QZ_KEY: qz,
+            MODULE_KEYS.QL_KEY: ql,
+            MODULE_KEYS.LIBRARY_KEY: library,
+            "z_b": zs["b"],
+            "z_l": zs["l"],
+            "z_r": zs["r"],
+            "qz_b": qs["b"],
+            "qz_l": qs["l"],
+            "qz_r": qs["r"],
+        }
+
+    # -------------------------------------------------------------- generative
+    def batch_shift(self, batch_index: torch.Tensor, transform_batch) -> torch.Tensor:
+        """Shift ``m_t - m_s`` of ``z_b`` that moves cells of batch ``s`` to batch ``t``."""
+        m = self.prior_mean_b.T  # (n_batch, d_b)
+        src = batch_index.reshape(-1).long()
+        tgt = torch.full_like(src, int(transform_batch))
+        return m[tgt] - m[src]
+
+    @auto_move_data
+    def generative(
+        self,
+        z,
+        library,
+        batch_index,
+        cont_covs=None,
+        cat_covs=None,
+        size_factor=None,
+        y=None,
+        transform_batch=None,
+    ):
+        """Decode ``z``; ``transform_batch`` moves ``z_b`` to that batch and decodes as that batch."""
+        from scvi.distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+
+        if transform_batch is not None:
+            shift = self.batch_shift(batch_index, transform_batch)
+            pad = z.new_zeros((*z.shape[:-1], self.n_latent_l + self.n_latent_r))
+            z = z + torch.cat([shift.expand((*z.shape[:-1], shift.shape[-1])), pad], dim=-1)
+            batch_index = torch.full_like(batch_index, int(transform_batch))
+        decoder_input = z
+        if cont_covs is not None and self.n_continuous_cov > 0:
+            if z.dim() != cont_covs.dim():
+                cont_covs = cont_covs.unsqueeze(0).expand(z.size(0), -1, -1)
+            decoder_input = torch.cat([z, cont_covs], dim=-1)
+        offset = size_factor if (self.use_size_factor_key and size_factor is not None) else library
+        px_scale, px_r, px_rate, px_dropout = self.decoder(
+            self.dispersion, decoder_input, offset, batch_index, *self._cats(cat_covs)
+        )
+        if self.dispersion == "gene":
+            px_r = self.px_r
+        elif self.dispersion == "gene-batch":
+            px_r = F.linear(F.one_hot(batch_index.reshape(-1).long(), self.n_batch).float(), self.px_r)
+        elif self.dispersion == "gene-label":
+            px_r = F.linear(F.one_hot(y.reshape(-1).long(), self.n_label_codes).float(), self.px_r)
+        px_r = torch.exp(px_r)
+        if self.gene_likelihood == "zinb":
+            px = ZeroInflatedNegativeBinomial(mu=px_rate, theta=px_r, zi_logits=px_dropout, scale=px_scale)
+        elif self.gene_likelihood == "nb":
+            px = NegativeBinomial(mu=px_rate, theta=px_r, scale=px_scale)
+        else:
+            px = Poisson(rate=px_rate, scale=px_scale)
+        pl = None
+        if not self.use_observed_lib_size:
+            means, variances = self._library_prior(batch_index)
+            pl = Normal(means, variances.sqrt())
+        pz = Normal(torch.zeros_like(z), torch.ones_like(z))
+        return {MODULE_KEYS.PX_KEY: px, MODULE_KEYS.PL_KEY: pl, MODULE_KEYS.PZ_KEY: pz}
+
+    def _library_prior(self, batch_index):
+        idx = batch_index.reshape(-1).long()
+        return self.library_log_means[idx].unsqueeze(-1), self.library_log_vars[idx].unsqueeze(-1)
+
+    # -------------------------------------------------------------------- loss
+    def _label_mask(self, y: torch.Tensor) -> torch.Tensor:
+        if self.unlabeled_code is None:
+            return torch.ones_like(y, dtype=torch.bool)
+        return y != self.unlabeled_code
+
+    def label_classes(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(labeled mask, class index)``: registry codes without the unlabeled code (0 for unlabeled cells)."""
+        y = y.reshape(-1).long()
+        labeled = self._label_mask(y)
+        cls = y if self.unlabeled_code is None else y - (y > self.unlabeled_code).long()
+        cls = torch.where(labeled, cls, torch.zeros_like(cls)).clamp(max=max(0, self.n_labels - 1))
+        return labeled, cls
+
+    def label_logits(self, z_l: torch.Tensor) -> torch.Tensor:
+        return self.heads["label"](z_l)
+
+    def batch_logits(self, z_b: torch.Tensor) -> torch.Tensor:
+        return self.heads["batch"](z_b)
+
+    def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0):
+        """ELBO with conditional priors, supervised heads, adversaries and the cross-covariance penalty."""
+        x = tensors[REGISTRY_KEYS.X_KEY]
+        s = tensors[REGISTRY_KEYS.BATCH_KEY].reshape(-1).long()
+        labeled, y_safe = self.label_classes(tensors[REGISTRY_KEYS.LABELS_KEY])
+
+        px = generative_outputs[MODULE_KEYS.PX_KEY]
+        reconst = -px.log_prob(x).sum(-1)
+
+        qb, ql_, qr = inference_outputs["qz_b"], inference_outputs["qz_l"], inference_outputs["qz_r"]
+        zb, zl, zr = inference_outputs["z_b"], inference_outputs["z_l"], inference_outputs["z_r"]
+        kl_b = kl(qb, Normal(self.prior_mean_b.T[s], 1.0)).sum(-1)
+        label_logits = self.heads["label"](zl)
+        # KL of z_l to every label component: (n, K)
+        m_l = self.prior_mean_l.T  # (K, d_l)
+        kl_l_all = 0.5 * ((ql_.loc.unsqueeze(1) - m_l.unsqueeze(0)).pow(2)).sum(-1) + (
+            0.5 * (ql_.scale.pow(2) - 1.0) - torch.log(ql_.scale)
+        ).sum(-1, keepdim=True)
+        with torch.no_grad():
+            resp = F.softmax(self.heads["label"](ql_.loc), dim=-1)
+        resp = torch.where(labeled.unsqueeze(-1), F.one_hot(y_safe, max(1, self.n_labels)).float(), resp)
+        kl_l = (resp * kl_l_all).sum(-1)
+        kl_r = kl(qr, Normal(0.0, 1.0)).sum(-1)
+        kl_lib = torch.zeros_like(kl_r)
+        if not self.use_observed_lib_size:
+            kl_lib = kl(inference_outputs[MODULE_KEYS.QL_KEY], generative_outputs[MODULE_KEYS.PL_KEY]).sum(-1)
+        kl_weighted = self.beta * (self.beta_b * kl_b + self.beta_l * kl_l + kl_r) + kl_lib
+        elbo = torch.mean(reconst + kl_weight * kl_weighted)
+
+        # supervised heads
+        ce_b = _masked_ce(self.heads["batch"](zb), s, None)
+        ce_l = _masked_ce(label_logits, y_safe, labeled)
+        sup = self.lambda_b * ce_b + self.lambda_l * ce_l
+
+        # adversaries: each head learns on detached latents; the encoder is pushed (scale alpha)
+        # towards a head output that carries no information (uniform), through the frozen head
+        adv_terms = {}
+        adv_total = zb.new_zeros(())
+        # on posterior means: the means are what users embed and probe, and sampling noise would
+        # hide from the adversaries a small leak that a probe of the means still finds
+        mb, ml, mr = qb.loc, ql_.loc, qr.loc
+        for key, head_name, z, target, mask in (
+            ("bl", "adv_label_from_b", mb, y_safe, labeled),
+            ("lb", "adv_batch_from_l", ml, s, None),
+            ("rb", "adv_batch_from_r", mr, s, None),
+            ("rl", "adv_label_from_r", mr, y_safe, labeled),
+        ):
+            head = self.heads[head_name]
+            ce = _masked_ce(head(z.detach()), target, mask)
+            gap = _uniform_gap(_frozen_call(head, z), mask)
+            adv_terms[key] = ce
+            adv_total = adv_total + ce + self.adversary_scale * self.alpha[key] * gap
+        # residual adversaries: z_r is the residual, so neither z_b nor z_l may predict it
+        target_r = (mr - mr.mean(0, keepdim=True)).detach()
+        target_r = target_r / target_r.std(0, keepdim=True).clamp(min=1e-4) if target_r.shape[0] > 1 else target_r
+        for key, head_name, z, mask in (("br", "adv_res_from_b", mb, None), ("lr", "adv_res_from_l", ml, None)):
+            head = self.heads[head_name]
+            mse = (head(z.detach()) - target_r).pow(2).mean()
+            pred = _frozen_call(head, z)
+            spread = (pred - pred.mean(0, keepdim=True)).pow(2).mean() if pred.shape[0] > 1 else pred.sum() * 0.0
+            adv_terms[key] = mse
+            adv_total = adv_total + mse + self.adversary_scale * self.alpha_res * spread
+
+        xcov = cross_covariance_penalty([zb, zl, zr])
+        loss = elbo + sup + adv_total + self.gamma * xcov
+
+        extra = {
+            "elbo_loss": elbo.detach(),
+            "sup_loss_b": ce_b.detach(),
+            "sup_loss_l": ce_l.detach(),
+            **{f"adv_loss_{k}": v.detach() for k, v in adv_terms.items()},
+            "xcov_loss": xcov.detach(),
+        }
+        n_lab = int(labeled.sum())
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss=reconst,
+            kl_local={"kl_b": kl_b, "kl_l": kl_l, "kl_r": kl_r, "kl_library": kl_lib},
+            classification_loss=ce_l if n_lab > 0 else None,
+            logits=label_logits[labeled] if n_lab > 0 else None,
+            true_labels=y_safe[labeled] if n_lab > 0 else None,
+            extra_metrics=extra,
+        )
+
+    # -------------------------------------------------------- scvi-tools extras
+    @torch.inference_mode()
+    def sample(self, tensors, n_samples: int = 1, max_poisson_rate: float = 1e8, generative_kwargs=None):
+        """Posterior predictive samples, ``(n_obs, n_vars)`` or ``(n_obs, n_vars, n_samples)``."""
+        from scvi.distributions import Poisson
+
+        _, gen = self.forward(
+            tensors, inference_kwargs={"n_samples": n_samples}, generative_kwargs=generative_kwargs, compute_loss=False
+        )
+        dist = gen[MODULE_KEYS.PX_KEY]
+        if self.gene_likelihood == "poisson":
+            dist = Poisson(torch.clamp(dist.rate, max=max_poisson_rate))
+        samples = dist.sample()
+        samples = torch.permute(samples, (1, 2, 0)) if n_samples > 1 else samples
+        return samples.cpu()
+
+    @torch.inference_mode()
+    def marginal_ll(self, tensors, n_mc_samples: int, return_mean: bool = False, n_mc_samples_per_pass: int = 1):
+        """Importance-sampled log p(x) with the posterior as proposal (the priors as in the loss)."""
+        s = tensors[REGISTRY_KEYS.BATCH_KEY].reshape(-1).long()
+        labeled, y_safe = self.label_classes(tensors[REGISTRY_KEYS.LABELS_KEY])
+        n_mc_samples_per_pass = max(1, min(n_mc_samples_per_pass, n_mc_samples))
+        n_passes = math.ceil(n_mc_samples / n_mc_samples_per_pass)
+        to_sum = []
+        for _ in range(n_passes):
+            inf, gen = self.forward(
+                tensors, inference_kwargs={"n_samples": n_mc_samples_per_pass}, compute_loss=False
+            )
+            x = tensors[REGISTRY_KEYS.X_KEY]
+            log_px = gen[MODULE_KEYS.PX_KEY].log_prob(x).sum(-1)
+            zb, zl, zr = inf["z_b"], inf["z_l"], inf["z_r"]
+            if zb.dim() == 2:
+                zb, zl, zr, log_px = zb[None], zl[None], zr[None], log_px[None]
+            log_pb = Normal(self.prior_mean_b.T[s], 1.0).log_prob(zb).sum(-1)
+            # mixture over labels (uniform weights) for unlabeled cells, the own component otherwise
+            lp = Normal(self.prior_mean_l.T, 1.0).log_prob(zl.unsqueeze(-2)).sum(-1)  # (S, n, K)
+            own = lp.gather(-1, y_safe.expand(lp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+            mix = torch.logsumexp(lp, -1) - math.log(lp.shape[-1])
+            log_pl = torch.where(labeled, own, mix)
+            log_pr = Normal(0.0, 1.0).log_prob(zr).sum(-1)
+            log_q = (
+                inf["qz_b"].log_prob(zb).sum(-1) + inf["qz_l"].log_prob(zl).sum(-1) + inf["qz_r"].log_prob(zr).sum(-1)
+            )
+            log_w = log_px + log_pb + log_pl + log_pr - log_q
+            if not self.use_observed_lib_size:
+                lib = inf[MODULE_KEYS.LIBRARY_KEY]
+                lib = lib if lib.dim() == 3 else lib[None]
+                means, variances = self._library_prior(s)
+                log_w = log_w + Normal(means, variances.sqrt()).log_prob(lib).sum(-1)
+                log_w = log_w - inf[MODULE_KEYS.QL_KEY].log_prob(lib).sum(-1)
+            to_sum.append(log_w)
+        log_w = torch.cat(to_sum, dim=0)
+        log_lkl = torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+        return torch.mean(log_lkl).item() if return_mean else log_lkl
