@@ -81,7 +81,8 @@ class AMICI(VAEMixin, BaseModelClass):
 
     Examples
     --------
-    >>> import cellvi
+    >>> import logging, cellvi, scvi
+    >>> scvi.settings.verbosity = logging.WARNING  # quieter set-up messages
     >>> adata = cellvi.data.simulate_spatial(n_cells=400, n_genes=50, seed=0)
     >>> cellvi.AMICI.setup_anndata(adata, labels_key="cell_type", coord_obsm_key="spatial", n_neighbors=10)
     >>> model = cellvi.AMICI(adata, n_heads=2, n_head_size=8, n_nn_embed=32, n_nn_embed_hidden=32)
