@@ -31,6 +31,7 @@ _MODELS: dict[str, str] = {
 _SUBMODULES = (
     "data",
     "dataloaders",
+    "interpretation",
 )
 
 __all__ = [*_MODELS, *_SUBMODULES]
