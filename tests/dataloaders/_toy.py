@@ -1,0 +1,109 @@
+"""A tiny deterministic model on cellvi's data path, for the data-path and DDP tests.
+
+A linear autoencoder of log1p counts with a mean squared error: no sampling and no batch
+normalisation, so data-parallel training over R ranks with minibatch B gives the same gradients
+as one process with minibatch R * B (the loss is a mean over cells).
+
+Run as a script it is one rank of a ``torchrun``-style launch (``MASTER_ADDR``, ``MASTER_PORT``,
+``WORLD_SIZE``, ``RANK``/``LOCAL_RANK`` set by the caller) and writes its parameters to
+``argv[1]``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import LayerField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+
+from cellvi.dataloaders import DataPathMixin
+
+N_CELLS, N_GENES, N_LATENT = 300, 40, 4
+
+
+class ToyModule(BaseModuleClass):
+    def __init__(self, n_genes: int, n_latent: int = N_LATENT):
+        super().__init__()
+        self.encoder = torch.nn.Linear(n_genes, n_latent)
+        self.decoder = torch.nn.Linear(n_latent, n_genes)
+
+    def _get_inference_input(self, tensors):
+        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
+
+    @auto_move_data
+    def inference(self, x):
+        return {"z": self.encoder(torch.log1p(x))}
+
+    def _get_generative_input(self, tensors, inference_outputs):
+        return {"z": inference_outputs["z"]}
+
+    @auto_move_data
+    def generative(self, z):
+        return {"x_hat": self.decoder(z)}
+
+    def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0):
+        x = torch.log1p(tensors[REGISTRY_KEYS.X_KEY])
+        per_cell = ((generative_outputs["x_hat"] - x) ** 2).sum(-1)
+        return LossOutput(loss=per_cell.mean(), reconstruction_loss=per_cell)
+
+
+class ToyAE(DataPathMixin, UnsupervisedTrainingMixin, BaseModelClass):
+    def __init__(self, adata):
+        super().__init__(adata)
+        self.module = ToyModule(self.summary_stats.n_vars)
+        self.init_params_ = self._get_init_params(locals())
+
+    @classmethod
+    def setup_anndata(cls, adata, layer=None, **kwargs):
+        setup_method_args = cls._get_setup_method_args(**locals())
+        manager = AnnDataManager(
+            fields=[LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True)],
+            setup_method_args=setup_method_args,
+        )
+        manager.register_fields(adata, **kwargs)
+        cls.register_manager(manager)
+
+
+def toy_adata():
+    from cellvi.data import simulate_ambient
+
+    adata, _ = simulate_ambient(n_cells=N_CELLS, n_genes=N_GENES, n_empty=10, n_damaged=0, seed=3)
+    return adata
+
+
+def train_toy(batch_size: int, max_epochs: int = 2, **train_kwargs) -> dict[str, torch.Tensor]:
+    """Train the toy model on the toy data (seed 0) and return its parameters."""
+    import scvi
+
+    scvi.settings.seed = 0
+    adata = toy_adata()
+    ToyAE.setup_anndata(adata)
+    model = ToyAE(adata)
+    model.train(
+        max_epochs=max_epochs,
+        train_size=1.0,
+        batch_size=batch_size,
+        enable_progress_bar=False,
+        **train_kwargs,
+    )
+    return {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()}
+
+
+if __name__ == "__main__":
+    import scvi
+
+    torch.set_num_threads(1)
+    scvi.settings.logging_dir = os.path.dirname(sys.argv[1])
+    params = train_toy(
+        batch_size=int(sys.argv[2]),
+        accelerator="cpu",
+        devices=int(os.environ["WORLD_SIZE"]),
+        strategy="ddp",
+        datasplitter_kwargs={"data_path": "device"},
+    )
+    torch.save(params, sys.argv[1])
