@@ -386,7 +386,8 @@ class AMICICounterfactualAttentionModule:
             a.set(xlabel="", ylabel="length scale")
             if true_length_scale is not None:
                 a.axhline(true_length_scale, color="k", ls="--", label="true")
-        a.legend(frameon=False, fontsize=8)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(frameon=False, fontsize=8)
         a.set_title(f"receiver {self._cell_type}: interaction length scales (tau={attention_threshold})")
         fig.length_scales = ls
         fig.confidence_intervals = ci
