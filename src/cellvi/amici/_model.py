@@ -460,6 +460,118 @@ class AMICI(VAEMixin, BaseModelClass):
         df.insert(0, "neighbor", np.repeat(names, len(heads)))
         return df
 
+    # ------------------------------------------------------------------ interpretation (cellvi.interpretation)
+    def get_attention_patterns(self, adata=None, indices=None, batch_size=None, flavor="vanilla", prog_bar=True, **kwargs):
+        """Different flavors of attention patterns; see :class:`cellvi.interpretation.AMICIAttentionModule`.
+
+        Parameters
+        ----------
+        adata
+            AnnData object to get attention patterns from.
+        indices
+            Indices of the cells to get attention patterns from.
+        batch_size
+            Batch size to use for the data loader.
+        flavor
+            ``"vanilla"``, ``"value-weighted"``, ``"info-weighted"`` or ``"gene-weighted"``.
+        prog_bar
+            Whether to show a progress bar.
+        **kwargs
+            Further arguments of the interpretation module's ``compute``.
+        """
+        from cellvi.interpretation import _model_methods
+
+        return _model_methods.get_attention_patterns(
+            self, adata=adata, indices=indices, batch_size=batch_size, flavor=flavor, prog_bar=prog_bar, **kwargs
+        )
+
+    def get_counterfactual_attention_patterns(
+        self, cell_type, adata=None, indices=None, head_idxs=None, batch_size=None, **kwargs
+    ):
+        """Counterfactual attention of a receiver type; see :class:`cellvi.interpretation.AMICICounterfactualAttentionModule`.
+
+        Parameters
+        ----------
+        cell_type
+            The index cell type to get counterfactual attention scores for.
+        adata
+            Optional AnnData object to use. If None, uses model.adata.
+        indices
+            Optional list of cell indices to get scores for. If None, uses all cells.
+        head_idxs
+            Optional list of attention head indices to get scores for. If None, uses all heads.
+        batch_size
+            Optional batch size to use for the data loader.
+        **kwargs
+            Further arguments of the interpretation module's ``compute``.
+        """
+        from cellvi.interpretation import _model_methods
+
+        return _model_methods.get_counterfactual_attention_patterns(
+            self, cell_type, adata=adata, indices=indices, head_idxs=head_idxs, batch_size=batch_size, **kwargs
+        )
+
+    def get_expl_variance_scores(self, adata=None, alpha=0.05, run_permutation_test=True, n_permutations=None, **kwargs):
+        """Explained variance per head and cell type; see :class:`cellvi.interpretation.AMICIExplainedVarianceModule`.
+
+        Parameters
+        ----------
+        adata
+            The AnnData object.
+        alpha
+            The desired significance level for the explained variance of each head-cell type pair via
+            permutation testing.
+        run_permutation_test
+            Whether to run the permutation test.
+        n_permutations
+            The number of permutations to use for the permutation test. If not provided, the minimum number of
+            permutations required to achieve a significance level of alpha will be used.
+        **kwargs
+            Further arguments of the interpretation module's ``compute``.
+        """
+        from cellvi.interpretation import _model_methods
+
+        return _model_methods.get_expl_variance_scores(
+            self, adata=adata, alpha=alpha, run_permutation_test=run_permutation_test, n_permutations=n_permutations,
+            **kwargs,
+        )  # fmt: skip
+
+    def get_neighbor_ablation_scores(
+        self,
+        cell_type=None,
+        head_idx=None,
+        adata=None,
+        ablated_neighbor_ct_sub=None,
+        ablated_neighbor_indices=None,
+        compute_z_value=False,
+        **kwargs,
+    ):
+        """Change in prediction error when ablating neighbour cell types; see :class:`cellvi.interpretation.AMICIAblationModule`.
+
+        Parameters
+        ----------
+        cell_type
+            The cell type to compute the residuals for. None indicates using all cell types.
+        head_idx
+            The index of the head to test. None indicates using all heads.
+        adata
+            The AnnData object.
+        ablated_neighbor_ct_sub
+            The neighbor cell types to ablate.
+        ablated_neighbor_indices
+            The indices of the neighbor cells to ablate.
+        compute_z_value
+            Whether to save the z-value using the correlation coefficient or not.
+        **kwargs
+            Further arguments of the interpretation module's ``compute``.
+        """
+        from cellvi.interpretation import _model_methods
+
+        return _model_methods.get_neighbor_ablation_scores(
+            self, cell_type=cell_type, head_idx=head_idx, adata=adata, ablated_neighbor_ct_sub=ablated_neighbor_ct_sub,
+            ablated_neighbor_indices=ablated_neighbor_indices, compute_z_value=compute_z_value, **kwargs,
+        )  # fmt: skip
+
     def get_latent_representation(self, *args, **kwargs):
         """AMICI has no latent variable; raises :class:`TypeError` (use :meth:`get_nn_embed`)."""
         raise TypeError(
