@@ -52,15 +52,20 @@ def _assert_same_batches(reference, ours):
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_batches_equal_scvi_loader(manager, shuffle, drop_last):
+def test_batches_equal_scvi_loader(manager, backend, shuffle, drop_last):
+    # "torch" is the accelerator gather (CSR tensors, array operations), exercised here on the CPU
+    store = TensorStore(manager, sparse_backend=backend)
     indices = np.random.default_rng(1).permutation(manager.adata.n_obs)[:217]
     torch.manual_seed(3)
     reference = list(AnnDataLoader(manager, indices=indices, batch_size=50, shuffle=shuffle, drop_last=drop_last))
     state = torch.random.get_rng_state()
     torch.manual_seed(3)
-    ours = list(DeviceDataLoader(manager, indices=indices, batch_size=50, shuffle=shuffle, drop_last=drop_last))
+    ours = list(
+        DeviceDataLoader(manager, indices=indices, batch_size=50, shuffle=shuffle, drop_last=drop_last, store=store)
+    )
     _assert_same_batches(reference, ours)
     # the same draws from the global generator: seeded training continues identically
     assert torch.equal(torch.random.get_rng_state(), state)
@@ -81,8 +86,9 @@ def test_boolean_mask_subset_keys_and_ndarray(manager):
             np.testing.assert_array_equal(b[key], a[key])
 
 
-def test_shared_store_serves_loaders_and_neighbour_gathers(manager):
-    store = TensorStore(manager)
+@pytest.mark.parametrize("backend", ["scipy", "torch"])
+def test_shared_store_serves_loaders_and_neighbour_gathers(manager, backend):
+    store = TensorStore(manager, sparse_backend=backend)
     X = manager.adata.X
     X = X.toarray() if sparse.issparse(X) else X
     neighbours = torch.as_tensor(np.random.default_rng(2).integers(0, manager.adata.n_obs, (7, 5)))
@@ -97,6 +103,21 @@ def test_shared_store_serves_loaders_and_neighbour_gathers(manager):
         store.rows("nope", neighbours)
 
 
+def test_compact_rows_rebuilt_on_arrival(toy):
+    """The streaming path sends compact CSR rows and rebuilds them where they arrive."""
+    from cellvi.dataloaders._store import PackedBatch
+
+    manager = _register(toy.copy())
+    store = TensorStore(manager, ["X"])
+    rows = torch.tensor([5, 0, 299, 17, 17])
+    packed = store.take(rows)
+    part = packed.csr["X"]
+    assert part.cols.shape[0] == manager.adata.X[rows.numpy()].nnz  # only the rows' non-zeros
+    part.matrix = None  # as after a copy to another device: only crow / cols / vals are there
+    rebuilt = store.densify(PackedBatch({}, {"X": part}, 5))["X"]
+    np.testing.assert_array_equal(rebuilt.numpy(), manager.adata.X[rows.numpy()].toarray())
+
+
 def test_unsorted_duplicate_csr_entries_are_summed_like_scipy():
     # a non-canonical CSR (duplicate column entries) must densify like scipy's toarray
     data = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
@@ -109,8 +130,10 @@ def test_unsorted_duplicate_csr_entries_are_summed_like_scipy():
     adata = anndata.AnnData(X=X)
     scvi.model.SCVI.setup_anndata(adata)
     manager = scvi.model.SCVI(adata).adata_manager
-    batch = next(iter(DeviceDataLoader(manager, batch_size=3)))
-    np.testing.assert_array_equal(batch["X"].numpy(), X.toarray())
+    for backend in ("scipy", "torch"):
+        store = TensorStore(manager, sparse_backend=backend)
+        batch = next(iter(DeviceDataLoader(manager, batch_size=3, store=store)))
+        np.testing.assert_array_equal(batch["X"].numpy(), X.toarray())
     assert X.data.tolist() == [1.0, 2.0, 3.0, 4.0]  # the user's matrix is untouched
 
 
@@ -178,5 +201,7 @@ def test_bad_input_errors(manager):
         DeviceDataLoader(manager, distributed_sampler=True, num_replicas=2, rank=2)
     with pytest.raises(ValueError, match="process group"):
         DeviceDataLoader(manager, distributed_sampler=True)
+    with pytest.raises(ValueError, match="sparse_backend must be"):
+        TensorStore(manager, sparse_backend="cupy")
     with pytest.raises(TypeError, match="unexpected keyword"):
         DeviceDataLoader(manager, shuffel=True)

@@ -233,7 +233,7 @@ class DeviceDataLoader:
         if isinstance(self.sampler, MinibatchSampler):
             order = self.sampler.epoch_order()
             sizes = self.sampler.batch_sizes()
-            rows = self._rows[order] if len(order) else order
+            rows = torch.index_select(self._rows, 0, order)
             nnz = self.store.batch_nnz(rows, sizes)
             starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
             batches = (

@@ -31,10 +31,32 @@ class UnsupportedStorage(TypeError):
 
 @dataclass
 class _CSR:
-    indptr: torch.Tensor  # (n_obs + 1,) int64
-    indices: torch.Tensor  # (nnz,) int32 or int64
-    data: torch.Tensor  # (nnz,) target dtype
+    """A sparse field: torch CSR arrays on an accelerator, a scipy CSR matrix on the CPU."""
+
     n_cols: int
+    indptr: torch.Tensor | None = None  # (n_obs + 1,) int64
+    indices: torch.Tensor | None = None  # (nnz,) int32 or int64
+    data: torch.Tensor | None = None  # (nnz,) target dtype
+    matrix: sparse.csr_matrix | None = None  # CPU: scipy's compiled row gather is the fastest
+
+    @property
+    def nbytes(self) -> int:
+        if self.matrix is not None:
+            m = self.matrix
+            return m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+        return sum(t.numel() * t.element_size() for t in (self.indptr, self.indices, self.data))
+
+
+@dataclass
+class _CSRRows:
+    """Rows of a sparse field, still compressed."""
+
+    crow: torch.Tensor  # (n_rows + 1,) row pointers
+    cols: torch.Tensor  # (nnz,)
+    vals: torch.Tensor  # (nnz,)
+    n_cols: int
+    row_of: torch.Tensor | None = None  # (nnz,) row of each value, when already computed
+    matrix: sparse.csr_matrix | None = None  # the same rows as scipy CSR (CPU store)
 
 
 @dataclass
@@ -42,7 +64,7 @@ class PackedBatch:
     """Rows of a minibatch, sparse fields still compressed (see :meth:`TensorStore.take`)."""
 
     dense: dict[str, torch.Tensor]
-    csr: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
+    csr: dict[str, _CSRRows]
     n_rows: int
 
 
@@ -121,6 +143,10 @@ class TensorStore:
         registered fields with scvi's default dtypes (float32, int64 for categorical fields).
     device
         Where the arrays live. ``"cpu"`` shares float32 memory with the AnnData object.
+    sparse_backend
+        How sparse rows are gathered: ``"scipy"`` (scipy's compiled CSR row gather, the fastest
+        on the CPU) or ``"torch"`` (CSR tensors and array operations on ``device``, the only
+        choice on an accelerator). Default: ``"scipy"`` on the CPU, ``"torch"`` elsewhere.
 
     Raises
     ------
@@ -128,8 +154,21 @@ class TensorStore:
         If a field is not an in-memory numpy array, data frame or scipy sparse matrix.
     """
 
-    def __init__(self, adata_manager, data_and_attributes=None, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        adata_manager,
+        data_and_attributes=None,
+        device: torch.device | str = "cpu",
+        sparse_backend: str | None = None,
+    ):
         self.device = torch.device(device)
+        if sparse_backend is None:
+            sparse_backend = "scipy" if self.device.type == "cpu" else "torch"
+        if sparse_backend not in ("scipy", "torch"):
+            raise ValueError(f"sparse_backend must be 'scipy' or 'torch'; got {sparse_backend!r}.")
+        if sparse_backend == "scipy" and self.device.type != "cpu":
+            raise ValueError(f"sparse_backend='scipy' needs device='cpu'; got {self.device}.")
+        self.sparse_backend = sparse_backend
         self.keys_and_dtypes = keys_and_dtypes(adata_manager, data_and_attributes)
         self.n_obs = adata_manager.adata.n_obs
         self._dense: dict[str, torch.Tensor] = {}
@@ -157,12 +196,15 @@ class TensorStore:
             # scipy's toarray sums duplicate entries; make them one entry each (sparse copy)
             csr = csr.copy()
             csr.sum_duplicates()
+        if self.sparse_backend == "scipy":
+            # shares the AnnData object's arrays when the dtype matches
+            return _CSR(n_cols=csr.shape[1], matrix=csr if csr.dtype == dtype else csr.astype(dtype))
         index_dtype = np.int32 if csr.shape[1] < 2**31 else np.int64
         return _CSR(
+            n_cols=csr.shape[1],
             indptr=_as_tensor(csr.indptr, np.dtype(np.int64), self.device),
             indices=_as_tensor(csr.indices, np.dtype(index_dtype), self.device),
             data=_as_tensor(csr.data, dtype, self.device),
-            n_cols=csr.shape[1],
         )
 
     @property
@@ -174,9 +216,7 @@ class TensorStore:
     def nbytes(self) -> int:
         """Bytes held by the store's tensors."""
         total = sum(t.numel() * t.element_size() for t in self._dense.values())
-        for c in self._csr.values():
-            total += sum(t.numel() * t.element_size() for t in (c.indptr, c.indices, c.data))
-        return total
+        return total + sum(c.nbytes for c in self._csr.values())
 
     def take(
         self,
@@ -204,18 +244,30 @@ class TensorStore:
         One device synchronisation per field for a whole epoch instead of one per minibatch.
         """
         out = {}
+        if self.device.type == "cpu":
+            return out  # nothing to synchronise on the CPU
         ends = torch.as_tensor(np.cumsum(sizes), dtype=torch.int64, device=rows.device)
         for key, c in self._csr.items():
-            counts = c.indptr[rows + 1] - c.indptr[rows]
+            counts = torch.index_select(c.indptr, 0, rows + 1) - torch.index_select(c.indptr, 0, rows)
             cum = torch.cumsum(counts, 0)
             at_end = cum[ends - 1] if len(sizes) else cum[:0]
             out[key] = torch.diff(at_end, prepend=at_end.new_zeros(1)).tolist()
         return out
 
     @staticmethod
-    def _take_csr(c: _CSR, rows: torch.Tensor, nnz: int | None = None):
-        start = c.indptr[rows]
-        counts = c.indptr[rows + 1] - start
+    def _take_csr(c: _CSR, rows: torch.Tensor, nnz: int | None = None) -> _CSRRows:
+        if c.matrix is not None:
+            sub = c.matrix[rows.numpy()]
+            return _CSRRows(
+                crow=torch.from_numpy(sub.indptr),
+                cols=torch.from_numpy(sub.indices),
+                vals=torch.from_numpy(sub.data),
+                n_cols=c.n_cols,
+                matrix=sub,
+            )
+        # (index_select rather than advanced indexing: several times faster)
+        start = torch.index_select(c.indptr, 0, rows)
+        counts = torch.index_select(c.indptr, 0, rows + 1) - start
         crow = torch.zeros(rows.shape[0] + 1, dtype=torch.int64, device=rows.device)
         torch.cumsum(counts, 0, out=crow[1:])
         if nnz is None:
@@ -224,8 +276,10 @@ class TensorStore:
             torch.arange(rows.shape[0], device=rows.device), counts, output_size=nnz
         )
         # position of each kept non-zero in the full arrays
-        pos = torch.arange(nnz, device=rows.device) + (start - crow[:-1])[row_of]
-        return crow, c.indices[pos], c.data[pos], c.n_cols
+        pos = torch.arange(nnz, device=rows.device) + torch.index_select(start - crow[:-1], 0, row_of)
+        cols = torch.index_select(c.indices, 0, pos)
+        vals = torch.index_select(c.data, 0, pos)
+        return _CSRRows(crow=crow, cols=cols, vals=vals, n_cols=c.n_cols, row_of=row_of)
 
     def densify(self, packed: PackedBatch, device: torch.device | None = None) -> dict[str, torch.Tensor]:
         """Move a :class:`PackedBatch` to ``device`` and expand its sparse fields to dense blocks."""
@@ -241,15 +295,23 @@ class TensorStore:
             return t.to(device, non_blocking=pin)
 
         out = {key: move(t) for key, t in packed.dense.items()}
-        for key, (crow, cols, vals, n_cols) in packed.csr.items():
-            crow, cols, vals = move(crow), move(cols), move(vals)
-            n_rows = crow.shape[0] - 1
-            row_of = torch.repeat_interleave(
-                torch.arange(n_rows, device=device), crow.diff(), output_size=cols.shape[0]
-            )
-            block = torch.zeros(n_rows * n_cols, dtype=vals.dtype, device=device)
-            block[row_of * n_cols + cols.long()] = vals
-            out[key] = block.view(n_rows, n_cols)
+        for key, part in packed.csr.items():
+            n_rows = part.crow.shape[0] - 1
+            if not moving and part.matrix is not None:
+                out[key] = torch.from_numpy(part.matrix.toarray())
+                continue
+            row_of, cols, vals = part.row_of, part.cols, part.vals
+            if moving or row_of is None:
+                # only the compact arrays travel; the row of each value is rebuilt on the device
+                crow, cols, vals = move(part.crow.long()), move(cols), move(vals)
+                row_of = torch.repeat_interleave(
+                    torch.arange(n_rows, device=device), crow.diff(), output_size=cols.shape[0]
+                )
+            flat = row_of * part.n_cols + cols
+            block = torch.zeros(n_rows * part.n_cols, dtype=vals.dtype, device=device)
+            # canonical CSR: each (row, column) once, so a copy is a scatter
+            block.index_copy_(0, flat, vals)
+            out[key] = block.view(n_rows, part.n_cols)
         # the order of keys follows the registry, as in scvi's loader
         return {key: out[key] for key in self.keys_and_dtypes if key in out}
 
@@ -273,8 +335,8 @@ class TensorStore:
         if key in self._dense:
             values = torch.index_select(self._dense[key], 0, flat)
         elif key in self._csr:
-            crow, cols, vals, n_cols = self._take_csr(self._csr[key], flat)
-            values = self.densify(PackedBatch({}, {key: (crow, cols, vals, n_cols)}, flat.shape[0]))[key]
+            packed = PackedBatch({}, {key: self._take_csr(self._csr[key], flat)}, flat.shape[0])
+            values = self.densify(packed)[key]
         else:
             raise ValueError(f"key {key!r} is not held by this store; it holds {self.keys}.")
         return values.reshape(*rows.shape, values.shape[-1])

@@ -1,0 +1,141 @@
+"""Data-loading throughput: scvi-tools' default loader against cellvi's data path.
+
+Same data, same settings, same process, one torch thread. For each size it prints
+
+* loader epochs per second: one shuffled pass over the training cells, minibatches of 128,
+  every minibatch materialised as scvi's dense dict of tensors (nothing else timed);
+* with ``--train``: seconds per training epoch of ``scvi.model.SCVI`` with each data path
+  (the model's compute is the same, so the difference is the data path).
+
+Usage::
+
+    .venv/bin/python benchmarks/dataloading.py                       # 20k and 100k cells x 2k genes
+    .venv/bin/python benchmarks/dataloading.py --sizes 20000 --train # plus one SCVI epoch each
+
+On a machine with CUDA the loader figures are also taken with the data on the GPU
+(``data_path="device"``) and streamed from the CPU (``"stream"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import anndata
+import numpy as np
+import scvi
+import torch
+from scipy import sparse
+from scvi.dataloaders import AnnDataLoader
+
+from cellvi.dataloaders import DataPathMixin, DeviceDataLoader
+
+
+def sparse_counts(n_cells: int, n_genes: int, density: float, seed: int = 0) -> anndata.AnnData:
+    """Poisson-like sparse counts (CSR float32) with a per-cell depth and per-gene rate."""
+    rng = np.random.default_rng(seed)
+    nnz_per_cell = rng.binomial(n_genes, density, n_cells)
+    indptr = np.concatenate([[0], np.cumsum(nnz_per_cell)])
+    # sorted distinct genes per cell: sample with replacement then keep the canonical format
+    gene_p = rng.gamma(0.5, 1.0, n_genes)
+    gene_p /= gene_p.sum()
+    indices = rng.choice(n_genes, indptr[-1], p=gene_p).astype(np.int32)
+    data = (1 + rng.poisson(2.0, indptr[-1])).astype(np.float32)
+    X = sparse.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
+    X.sum_duplicates()
+    adata = anndata.AnnData(X=X)
+    adata.obs["batch"] = rng.choice(["a", "b"], n_cells)
+    return adata
+
+
+def loader_epoch_seconds(make_loader, repeats: int) -> float:
+    best = np.inf
+    for _ in range(repeats):
+        loader = make_loader()
+        start = time.perf_counter()
+        for batch in loader:
+            batch["X"].sum()  # touch the minibatch
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+class FastSCVI(DataPathMixin, scvi.model.SCVI):
+    pass
+
+
+def train_epoch_seconds(adata, data_path: str, accelerator: str) -> float:
+    scvi.settings.seed = 0
+    model = FastSCVI(adata)
+    start = time.perf_counter()
+    model.train(
+        max_epochs=1,
+        data_path=data_path,
+        train_size=0.9,
+        batch_size=128,
+        accelerator=accelerator,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000])
+    parser.add_argument("--genes", type=int, default=2_000)
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train", action="store_true", help="also time one SCVI training epoch per path")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    scvi.settings.dl_num_workers = 0
+    cuda = torch.cuda.is_available()
+    print(f"torch {torch.__version__}, scvi-tools {scvi.__version__}, 1 torch thread, cuda={cuda}")
+    print(f"{args.genes} genes, density {args.density}, minibatch 128, shuffled, best of {args.repeats}")
+    header = f"{'cells':>8} {'loader':<28} {'s/epoch':>9} {'epochs/s':>9} {'vs scvi':>8}"
+    print(header)
+    print("-" * len(header))
+    for n in args.sizes:
+        adata = sparse_counts(n, args.genes, args.density)
+        FastSCVI.setup_anndata(adata, batch_key="batch")
+        manager = FastSCVI(adata).adata_manager
+        idx = np.random.default_rng(0).permutation(n)[: int(0.9 * n)]
+        cases = {
+            "scvi AnnDataLoader": lambda: AnnDataLoader(manager, indices=idx, batch_size=128, shuffle=True),
+            "cellvi device (cpu)": lambda: DeviceDataLoader(manager, indices=idx, batch_size=128, shuffle=True),
+        }
+        if cuda:
+            cases["scvi AnnDataLoader -> cuda"] = None
+            cases["cellvi device (cuda)"] = lambda: DeviceDataLoader(
+                manager, indices=idx, batch_size=128, shuffle=True, device="cuda"
+            )
+            cases["cellvi stream (cpu -> cuda)"] = lambda: DeviceDataLoader(
+                manager, indices=idx, batch_size=128, shuffle=True, device="cuda", stream=True
+            )
+        reference = None
+        for name, make in cases.items():
+            if make is None:  # scvi's loader plus the copy to the GPU a training step makes
+
+                def timed(dl=AnnDataLoader(manager, indices=idx, batch_size=128, shuffle=True)):
+                    for batch in dl:
+                        yield {k: v.to("cuda", non_blocking=False) for k, v in batch.items()}
+
+                make = timed
+            seconds = loader_epoch_seconds(make, args.repeats)
+            reference = reference or seconds
+            print(f"{n:>8} {name:<28} {seconds:>9.3f} {1 / seconds:>9.2f} {reference / seconds:>7.2f}x")
+        if args.train:
+            accelerator = "gpu" if cuda else "cpu"
+            times = {path: train_epoch_seconds(adata, path, accelerator) for path in ("scvi", "device")}
+            for path, seconds in times.items():
+                print(
+                    f"{n:>8} {'SCVI train, ' + path:<28} {seconds:>9.3f} {1 / seconds:>9.2f} "
+                    f"{times['scvi'] / seconds:>7.2f}x"
+                )
+
+
+if __name__ == "__main__":
+    main()
