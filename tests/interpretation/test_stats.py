@@ -117,3 +117,35 @@ def test_kmeans_silhouette_finds_the_number_of_blobs_on_a_sample():
     assert k2 == 5 and scores2 == {} and len(np.unique(labels2)) == 5
     with pytest.raises(ValueError, match="n_clusters"):
         st.kmeans_silhouette(X, n_clusters=0)
+
+
+def test_explained_variance_permutation_shortcut_equals_brute_force_mse():
+    import torch
+
+    from cellvi.interpretation._explained_variance import _permutation_pvalues
+
+    rng = np.random.default_rng(5)
+    n, H, G, n_perm = 40, 3, 6, 50
+    x = rng.normal(size=(n, G))
+    # head 0 predicts x well, head 1 weakly, head 2 not at all
+    r = np.stack([x + 0.3 * rng.normal(size=(n, G)), 0.2 * x + rng.normal(size=(n, G)), rng.normal(size=(n, G))], 1)
+    const = rng.normal(size=G)
+    labels = np.zeros(n, dtype=np.int64)
+    proj_r = torch.as_tensor(r, dtype=torch.float32)
+    proj_x = torch.as_tensor(x, dtype=torch.float32)[:, None, :].expand(n, H, G).contiguous()
+    p_gram = _permutation_pvalues(proj_r, proj_x, labels, 1, n_perm, 7, False)
+    # max_elements=1000: no (H, n, n) matrix, one permutation per chunk
+    p_gather = _permutation_pvalues(proj_r, proj_x, labels, 1, n_perm, 7, False, max_elements=1000)
+
+    def brute(chunk):  # the MSE of row-shuffled predictions, with the same permutations
+        gen = torch.Generator().manual_seed(7)
+        perm = np.concatenate([torch.argsort(torch.rand(min(chunk, n_perm - s), n, generator=gen), dim=1).numpy()
+                               for s in range(0, n_perm, chunk)])
+        pred = const + r  # (n, H, G)
+        mse_obs = ((pred - x[:, None, :]) ** 2).mean((0, 2))
+        mse_perm = ((pred[perm] - x[None, :, None, :]) ** 2).mean((1, 3))  # (n_perm, H)
+        return (1 + (mse_perm <= mse_obs[None] + 1e-9).sum(0)) / (1 + n_perm)
+
+    np.testing.assert_allclose(p_gram[0], brute(n_perm))
+    np.testing.assert_allclose(p_gather[0], brute(1))
+    assert p_gram[0, 0] == pytest.approx(1 / 51) and p_gram[0, 2] > 0.05

@@ -299,7 +299,7 @@ class AMICIAttentionModule:
         n_clusters: int | None = None,
         random_state: int = 42,
         *,
-        silhouette_sample_size: int = 5000,
+        silhouette_sample_size: int = 2000,
     ) -> pd.DataFrame:
         """Compute hub analysis by clustering cells based on their high-interacting neighbor composition.
 

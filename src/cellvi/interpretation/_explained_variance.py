@@ -275,7 +275,9 @@ def _permutation_pvalues(proj_r, proj_x, labels, n_labels, n_perm, random_state,
 
     Under a permutation ``pi`` of the cells of a type, ``sum_i |pred_pi(i) - x_i|^2`` changes only through
     ``T(pi) = sum_i <r_pi(i), x_i>`` (the squared norms are invariant), and ``MSE_perm <= MSE_obs`` iff
-    ``T(pi) >= T(id)``; ``T`` only needs the projections ``proj_r``, ``proj_x`` (n, H, D).
+    ``T(pi) >= T(id)``; ``T`` only needs the projections ``proj_r``, ``proj_x`` (n, H, D). For types small
+    enough, the (H, n, n) matrix of all inner products is formed once and each permutation is a gather of
+    n entries; otherwise each permutation gathers the (n, H, D) projections, in bounded-memory chunks.
     """
     from scvi.utils import track
 
@@ -287,19 +289,28 @@ def _permutation_pvalues(proj_r, proj_x, labels, n_labels, n_perm, random_state,
             if len(rows):
                 out[c] = 1.0
             continue
-        r = proj_r[rows].double()
-        x = proj_x[rows].double()
+        r = proj_r[rows].float()
+        x = proj_x[rows].float()
         r = r - r.mean(0)
         x = x - x.mean(0)
-        t_obs = torch.einsum("nhd,nhd->h", r, x)
-        tol = 1e-9 * (r.norm() * x.norm()).item()
-        n = len(rows)
-        chunk = max(1, max_elements // (n * r.shape[1] * r.shape[2]))
-        n_ge = torch.zeros(r.shape[1], dtype=torch.float64)
+        n, H, D = r.shape
+        t_obs = torch.einsum("nhd,nhd->h", r.double(), x.double()).float()
+        tol = 1e-5 * float(r.norm() * x.norm())
+        n_ge = torch.zeros(H, dtype=torch.float64)
+        gram = H * n * n <= max_elements * 4
+        if gram:
+            M = torch.einsum("ihd,jhd->hij", r, x).reshape(H, n * n)  # M[h, i, j] = <r_i, x_j>
+            chunk = max(1, max_elements // (n * H))
+        else:
+            chunk = max(1, max_elements // (n * H * D))
+        cols = torch.arange(n)
         for s in range(0, n_perm, chunk):
             m = min(chunk, n_perm - s)
-            perm = torch.argsort(torch.rand(m, n, generator=gen), dim=1)
-            t = torch.einsum("pnhd,nhd->ph", r[perm], x)
-            n_ge += (t >= t_obs[None] - tol).sum(0)
+            perm = torch.argsort(torch.rand(m, n, generator=gen), dim=1)  # (m, n): pi(i)
+            if gram:
+                t = M[:, perm * n + cols].sum(-1).T  # (m, H): sum_i M[h, pi(i), i]
+            else:
+                t = torch.einsum("pnhd,nhd->ph", r[perm], x)
+            n_ge += (t >= t_obs[None] - tol).sum(0).double()
         out[c] = permutation_pvalue(n_ge.numpy(), n_perm)
     return out
