@@ -83,7 +83,11 @@ class AmbientMixture(Distribution):
     @property
     def probs(self) -> torch.Tensor:
         """Mixture probability of each feature, ``(1 - rho) f + rho a``."""
-        return self.scale + self.noise_ratio * (self.ambient - self.scale)
+        return torch.addcmul(self.noise_ratio * self.ambient, 1 - self.noise_ratio, self.scale)
+
+    def log_prob_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``log_prob(value)`` summed over features (what the loss needs; subclasses do it faster)."""
+        return self.log_prob(value).sum(-1)
 
     @property
     def mu(self) -> torch.Tensor:
@@ -119,15 +123,67 @@ class AmbientMixture(Distribution):
         return f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)})"
 
 
+class LogFactorial:
+    """``log(k!)`` of whole numbers by table lookup (float64 table, grown on demand).
+
+    ``torch.lgamma`` costs more than the rest of the likelihood; counts are integers, so a
+    lookup in a float64 table is exact to float32 and several times cheaper. The differences of
+    large values (``log n! - log (n - x)!``) are taken in float64, so no precision is lost.
+    """
+
+    def __init__(self):
+        self.table: torch.Tensor | None = None
+
+    def _ensure(self, max_value: int, device) -> torch.Tensor:
+        t = self.table
+        if t is None or t.device != torch.device(device) or t.numel() <= max_value:
+            size = max(int(max_value) + 1, 2 * (t.numel() if t is not None else 1024))
+            t = torch.lgamma(torch.arange(1, size + 1, dtype=torch.float64, device=device))
+            self.table = t
+        return t
+
+    def log_binomial_coefficient(self, n: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``log C(n, x)`` for integer-valued float tensors (``x <= n``), as float32."""
+        with torch.no_grad():
+            t = self._ensure(int(n.max().item()) if n.numel() else 0, n.device)
+            ni = n.to(torch.int64)
+            xi = torch.minimum(x.to(torch.int64), ni)
+            return (t[ni] - t[xi] - t[ni - xi]).to(x.dtype)
+
+    def log_factorial(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = self._ensure(int(x.max().item()) if x.numel() else 0, x.device)
+            return t[x.to(torch.int64)].to(x.dtype)
+
+
 class AmbientBinomial(AmbientMixture):
     """Per-feature Binomial with the exact integer library as total count."""
 
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+    log_factorial: LogFactorial | None = None  # set by the module for table lookups
+
+    def _log_comb(self, value: torch.Tensor) -> torch.Tensor:
         n = self.library
+        if self.log_factorial is not None:
+            return self.log_factorial.log_binomial_coefficient(n, value)
+        return torch.lgamma(n + 1) - torch.lgamma(value + 1) - torch.lgamma((n - value).clamp_min(0) + 1)
+
+    def _logs(self):
         p = self.probs
+        return torch.log(p + _EPS), torch.log1p(torch.neg(p).add_(_EPS))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        lp, lq = self._logs()
         # the normalising constant depends on the data only (no gradient flows through it)
-        log_comb = torch.lgamma(n + 1) - torch.lgamma(value + 1) - torch.lgamma((n - value).clamp_min(0) + 1)
-        return log_comb + value * torch.log(p + _EPS) + (n - value) * torch.log1p(-p + _EPS)
+        return self._log_comb(value) + value * lp + (self.library - value) * lq
+
+    def log_prob_sum(self, value: torch.Tensor) -> torch.Tensor:
+        lp, lq = self._logs()
+        # sum_g x log p + (n - x) log(1 - p) = sum_g x (log p - log(1 - p)) + n sum_g log(1 - p)
+        return (
+            (value * (lp - lq)).sum(-1)
+            + self.library[..., 0] * lq.sum(-1)
+            + self._log_comb(value).sum(-1)
+        )
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
@@ -140,9 +196,17 @@ class AmbientBinomial(AmbientMixture):
 class AmbientPoisson(AmbientMixture):
     """Per-feature Poisson with mean ``library * probs``."""
 
+    log_factorial: LogFactorial | None = None  # set by the module for table lookups
+
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         mu = self.mu
-        return value * torch.log(mu + _EPS) - mu - torch.lgamma(value + 1)
+        lf = self.log_factorial.log_factorial(value) if self.log_factorial is not None else torch.lgamma(value + 1)
+        return value * torch.log(mu + _EPS) - mu - lf
+
+    def log_prob_sum(self, value: torch.Tensor) -> torch.Tensor:
+        # sum_g mu_g = library (probs sum to 1): no need to materialise the sum of mu
+        lf = self.log_factorial.log_factorial(value) if self.log_factorial is not None else torch.lgamma(value + 1)
+        return (value * torch.log(self.mu + _EPS) - lf).sum(-1) - self.library[..., 0] * self.probs.sum(-1)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():

@@ -29,6 +29,7 @@ from cellvi._validation import (
 
 from . import _assign, _profile
 from ._module import SCARModule
+from ._training import SCARTrainingPlan
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -99,6 +100,7 @@ class SCAR(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """
 
     _module_cls = SCARModule
+    _training_plan_cls = SCARTrainingPlan
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributions import Normal
 from torch.distributions import kl_divergence as kl
 
-from ._components import LIKELIHOODS, AmbientMixture, SparseSoftplus
+from ._components import LIKELIHOODS, AmbientMixture, LogFactorial, SparseSoftplus
 
 
 class SCARDecoder(nn.Module):
@@ -191,6 +191,7 @@ class SCARModule(BaseModuleClass):
             zero_inflation=gene_likelihood == "zinb",
         )
         self.px_r = nn.Parameter(torch.randn(n_input)) if gene_likelihood in ("nb", "zinb") else None
+        self._log_factorial = LogFactorial()  # lookup table of log(k!), not saved
 
     # -- inference ---------------------------------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
@@ -260,13 +261,15 @@ class SCARModule(BaseModuleClass):
             return cls(scale, rho, ambient, library, torch.exp(self.px_r))
         if self.gene_likelihood == "zinb":
             return cls(scale, rho, ambient, library, torch.exp(self.px_r), zi_logits)
-        return cls(scale, rho, ambient, library)
+        px = cls(scale, rho, ambient, library)
+        px.log_factorial = self._log_factorial
+        return px
 
     # -- loss --------------------------------------------------------------------------------------
     def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0) -> LossOutput:
         """Negative ELBO: the mixture's negative log-likelihood plus the weighted KL of ``z``."""
         x = tensors[REGISTRY_KEYS.X_KEY]
-        reconst_loss = -generative_outputs["px"].log_prob(x).sum(-1)
+        reconst_loss = -generative_outputs["px"].log_prob_sum(x)
         kl_z = kl(inference_outputs["qz"], generative_outputs["pz"]).sum(-1)
         loss = torch.mean(reconst_loss + kl_weight * kl_z)
         return LossOutput(loss=loss, reconstruction_loss=reconst_loss, kl_local={"kl_divergence_z": kl_z})
