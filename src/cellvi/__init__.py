@@ -25,6 +25,7 @@ except PackageNotFoundError:  # running from a source tree without an install
 
 # public name -> module that defines it
 _MODELS: dict[str, str] = {
+    "VELOVI": "cellvi.velovi",
     "SCAR": "cellvi.scar",
     "AMICI": "cellvi.amici",
 }

@@ -14,6 +14,7 @@ from importlib import import_module
 COMMANDS: tuple[str, ...] = (
     "scar",
     "amici",
+    "velovi",
 )
 
 

@@ -1,0 +1,79 @@
+"""Closed-form solutions of the switching transcription ODE (torch, broadcasting over any leading dims).
+
+``du/dt = alpha(t) - beta u``, ``ds/dt = beta u - gamma s``, ``u(0) = s(0) = 0``; transcription stops at the
+switch time and repression starts from the abundances reached there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-6
+
+
+def exp_diff(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``(exp(-a t) - exp(-b t)) / (b - a)``, finite and exact as ``a -> b`` (limit ``t exp(-a t)``).
+
+    The original divides by ``gamma - beta + 1e-6``, which is wrong near ``gamma = beta`` and infinite at
+    ``gamma - beta = -1e-6``; ``expm1`` with an explicit second-order limit avoids both.
+    """
+    d = b - a
+    small = d.abs() < 1e-4
+    safe = torch.where(small, torch.ones_like(d), d)
+    dt = d * t
+    ratio = torch.where(small, t * (1 - 0.5 * dt), -torch.expm1(-dt) / safe)
+    return torch.exp(-a * t) * ratio
+
+
+def _safe_denominator(d: torch.Tensor) -> torch.Tensor:
+    """``d`` moved away from zero by ``EPS`` keeping its sign (zero counts as positive)."""
+    return torch.where(d >= 0, d + EPS, d - EPS)
+
+
+def induction(
+    alpha: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    t: torch.Tensor,
+    alpha_1: torch.Tensor | None = None,
+    lambda_alpha: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u(t), s(t))`` during induction from ``(0, 0)``.
+
+    With ``alpha_1``/``lambda_alpha`` the transcription rate rises in time,
+    ``alpha(t) = alpha_1 - (alpha_1 - alpha) exp(-lambda_alpha t)``.
+    """
+    if alpha_1 is None:
+        u = alpha / beta * -torch.expm1(-beta * t)
+        s = alpha / gamma * -torch.expm1(-gamma * t) - alpha * exp_diff(gamma, beta, t)
+        return u, s
+    a1, lam = alpha_1, lambda_alpha
+    delta = a1 - alpha
+    u = a1 / beta * -torch.expm1(-beta * t) - delta * exp_diff(lam, beta, t)
+    s = (
+        a1 / gamma * -torch.expm1(-gamma * t)
+        - a1 * exp_diff(gamma, beta, t)
+        - beta * delta / (_safe_denominator(beta - lam) * _safe_denominator(gamma - lam))
+        * (torch.exp(-lam * t) - torch.exp(-gamma * t))
+        + beta * delta / (_safe_denominator(beta - lam) * _safe_denominator(gamma - beta))
+        * (torch.exp(-beta * t) - torch.exp(-gamma * t))
+    )
+    return u, s
+
+
+def repression(
+    u0: torch.Tensor, s0: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor, tau: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, s)`` a time ``tau`` after transcription stopped at ``(u0, s0)``."""
+    u = u0 * torch.exp(-beta * tau)
+    s = s0 * torch.exp(-gamma * tau) + beta * u0 * exp_diff(gamma, beta, tau)
+    return u, s
+
+
+def transcription_rate(
+    alpha: torch.Tensor, t: torch.Tensor, alpha_1: torch.Tensor | None, lambda_alpha: torch.Tensor | None
+) -> torch.Tensor:
+    """``alpha(t)`` during induction: constant ``alpha``, or rising from ``alpha`` to ``alpha_1``."""
+    if alpha_1 is None:
+        return alpha.expand_as(t)
+    return alpha_1 - (alpha_1 - alpha) * torch.exp(-lambda_alpha * t)
