@@ -48,16 +48,23 @@ def sparse_counts(n_cells: int, n_genes: int, density: float, seed: int = 0) -> 
     return adata
 
 
-def loader_epoch_seconds(make_loader, repeats: int) -> float:
-    best = np.inf
+def epoch_seconds(make_loader) -> float:
+    loader = make_loader()
+    start = time.perf_counter()
+    for batch in loader:
+        batch["X"].sum()  # touch the minibatch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved_best(cases: dict, repeats: int) -> dict[str, float]:
+    """Best time of each case over ``repeats`` rounds, the cases alternating within each round
+    (so that a load change on a shared machine hits all of them alike)."""
+    best = dict.fromkeys(cases, np.inf)
     for _ in range(repeats):
-        loader = make_loader()
-        start = time.perf_counter()
-        for batch in loader:
-            batch["X"].sum()  # touch the minibatch
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+        for name, make in cases.items():
+            best[name] = min(best[name], epoch_seconds(make))
     return best
 
 
@@ -108,24 +115,23 @@ def main(argv=None):
             "cellvi device (cpu)": lambda: DeviceDataLoader(manager, indices=idx, batch_size=128, shuffle=True),
         }
         if cuda:
-            cases["scvi AnnDataLoader -> cuda"] = None
             cases["cellvi device (cuda)"] = lambda: DeviceDataLoader(
                 manager, indices=idx, batch_size=128, shuffle=True, device="cuda"
             )
             cases["cellvi stream (cpu -> cuda)"] = lambda: DeviceDataLoader(
                 manager, indices=idx, batch_size=128, shuffle=True, device="cuda", stream=True
             )
-        reference = None
-        for name, make in cases.items():
-            if make is None:  # scvi's loader plus the copy to the GPU a training step makes
+        if cuda:
 
-                def timed(dl=AnnDataLoader(manager, indices=idx, batch_size=128, shuffle=True)):
-                    for batch in dl:
-                        yield {k: v.to("cuda", non_blocking=False) for k, v in batch.items()}
+            def scvi_to_cuda(dl=AnnDataLoader(manager, indices=idx, batch_size=128, shuffle=True)):
+                # scvi's loader plus the copy to the GPU that a training step makes
+                for batch in dl:
+                    yield {k: v.to("cuda") for k, v in batch.items()}
 
-                make = timed
-            seconds = loader_epoch_seconds(make, args.repeats)
-            reference = reference or seconds
+            cases["scvi AnnDataLoader -> cuda"] = scvi_to_cuda
+        times = interleaved_best(cases, args.repeats)
+        reference = times["scvi AnnDataLoader"]
+        for name, seconds in times.items():
             print(f"{n:>8} {name:<28} {seconds:>9.3f} {1 / seconds:>9.2f} {reference / seconds:>7.2f}x")
         if args.train:
             accelerator = "gpu" if cuda else "cpu"

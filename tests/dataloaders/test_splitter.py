@@ -167,20 +167,24 @@ def test_semi_supervised_training_identical_to_scvi_loader(labelled):
     np.testing.assert_array_equal(runs["device"].predict(), runs["scvi"].predict())
 
 
-def test_auto_rule_and_backed_data(adata, tmp_path):
+def test_auto_rule(adata, tmp_path):
     adata = adata.copy()
     SCVI.setup_anndata(adata)
     manager = SCVI(adata).adata_manager
     assert resolve_data_path("auto", manager, "cpu") == "device"
     assert resolve_data_path("scvi", manager, "cpu") == "scvi"
-    path = tmp_path / "toy.h5ad"
-    adata.write_h5ad(path)
+    assert resolve_data_path("stream", manager, "cpu") == "stream"
+    csc = adata.copy()
+    csc.X = csc.X.tocsc()
+    path = tmp_path / "csc.h5ad"
+    csc.write_h5ad(path)
     backed = anndata.read_h5ad(path, backed="r")
     SCVI.setup_anndata(backed)
     backed_manager = SCVI(backed).adata_manager
+    # CSC on disk: rows are not contiguous, so auto falls back to scvi's loader
     assert resolve_data_path("auto", backed_manager, "cpu") == "scvi"
-    with pytest.raises(ValueError, match="needs the registered data in memory"):
-        resolve_data_path("device", backed_manager, "cpu")
+    with pytest.raises(ValueError, match="data_path='backed' needs"):
+        resolve_data_path("backed", backed_manager, "cpu")
     backed.file.close()
 
 

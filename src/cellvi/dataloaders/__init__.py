@@ -12,6 +12,9 @@ compact (still sparse) minibatch is copied through pinned memory (``data_path="s
   (same train / validation / test split) with a ``data_path`` argument.
 - :class:`DataPathMixin`, :class:`SemiSupervisedDataPathMixin`, :func:`with_data_path` -- what a
   model adds to get ``train(..., data_path="auto")``.
+- :class:`BackedDataLoader` -- larger-than-memory data: a backed (on-disk) AnnData read in
+  contiguous chunks and block-shuffled (``data_path="backed"``); memory is bounded by one buffer
+  of ``chunk_size * buffer_chunks`` rows.
 - :func:`resolve_data_path` -- the rule of ``data_path="auto"``.
 
 Multi-process training (DDP)
@@ -33,6 +36,7 @@ On the CPU, ``accelerator="cpu", devices=2, strategy="ddp"`` uses the gloo backe
 same parameters as one process with twice the minibatch size).
 """
 
+from ._backed import BackedDataLoader, backed_supported
 from ._loader import DeviceDataLoader
 from ._mixin import DATA_PATH_DOC, DataPathMixin, SemiSupervisedDataPathMixin, with_data_path
 from ._sampler import MinibatchSampler
@@ -47,6 +51,7 @@ from ._splitter import (
 from ._store import TensorStore, estimate_nbytes, registered_in_memory
 
 __all__ = [
+    "BackedDataLoader",
     "DATA_PATHS",
     "DATA_PATH_DOC",
     "DEVICE_MEMORY_FRACTION",
@@ -58,6 +63,7 @@ __all__ = [
     "SemiSupervisedDataSplitter",
     "SemiSupervisedDeviceDataLoader",
     "TensorStore",
+    "backed_supported",
     "estimate_nbytes",
     "registered_in_memory",
     "resolve_data_path",

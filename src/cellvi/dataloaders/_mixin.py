@@ -7,10 +7,12 @@ from ._splitter import DataSplitter, SemiSupervisedDataSplitter, check_data_path
 DATA_PATH_DOC = """data_path
     How minibatches reach the model. ``"auto"`` (default): the registered arrays on the training
     device when they fit in half its free memory (always on the CPU), else streamed from the CPU
-    through pinned memory, and scvi-tools' loader for backed data. ``"device"``: arrays on the
-    training device (sparse stays sparse; only minibatches are made dense). ``"stream"``: arrays on
-    the CPU, each compact minibatch copied to the device. ``"scvi"``: scvi-tools' ``AnnDataLoader``.
-    On the CPU, ``"device"`` and ``"scvi"`` give identical minibatches for the same seed."""
+    through pinned memory; a backed (on-disk) AnnData is read in contiguous chunks. ``"device"``:
+    arrays on the training device (sparse stays sparse; only minibatches are made dense).
+    ``"stream"``: arrays on the CPU, each compact minibatch copied to the device. ``"backed"``:
+    chunks read from disk, block-shuffled, memory bounded by one buffer of chunks. ``"scvi"``:
+    scvi-tools' ``AnnDataLoader``. On the CPU, ``"device"`` and ``"scvi"`` give identical
+    minibatches (and seeded training) for the same seed."""
 
 
 def with_data_path(datasplitter_kwargs: dict | None, data_path: str = "auto") -> dict:

@@ -13,13 +13,14 @@ import torch
 from scvi.dataloaders import DataSplitter as _ScviDataSplitter
 from scvi.dataloaders import SemiSupervisedDataSplitter as _ScviSemiSupervisedDataSplitter
 
+from ._backed import BackedDataLoader, backed_supported
 from ._loader import DeviceDataLoader
 from ._semi import SemiSupervisedDeviceDataLoader
 from ._store import TensorStore, estimate_nbytes, registered_in_memory
 
 logger = logging.getLogger(__name__)
 
-DATA_PATHS = ("auto", "device", "stream", "scvi")
+DATA_PATHS = ("auto", "device", "stream", "backed", "scvi")
 
 #: ``data_path="auto"`` puts the data on an accelerator when they take at most this fraction of its
 #: free memory (the rest is left to the model's parameters, activations and optimiser state).
@@ -50,21 +51,24 @@ def resolve_data_path(
     device: torch.device | str = "cpu",
     data_and_attributes=None,
 ) -> str:
-    """The data path a splitter uses: ``"device"``, ``"stream"`` or ``"scvi"``.
+    """The data path a splitter uses: ``"device"``, ``"stream"``, ``"backed"`` or ``"scvi"``.
 
     The rule for ``"auto"``:
 
-    1. registered data that are not all in memory (backed AnnData, h5py, dask) use ``"scvi"``;
+    1. registered data that are not all in memory: ``"backed"`` (contiguous chunks read from
+       disk, see :class:`BackedDataLoader`) when the on-disk matrices are HDF5/zarr dense or CSR
+       arrays of a backed AnnData, else ``"scvi"`` (dask arrays, CSC on disk);
     2. on the CPU, ``"device"``: the arrays are shared with the AnnData object (float32 data are
-       not copied) and minibatches are gathered with array operations, which is faster than
-       scvi's per-minibatch dataset (``benchmarks/dataloading.py``);
+       not copied) and minibatches are gathered without scvi's per-minibatch dataset and
+       ``DataLoader`` machinery, which is as fast or faster (``benchmarks/dataloading.py``);
     3. on CUDA or MPS, ``"device"`` when the registered arrays (CSR for sparse ones) take at most
        :data:`DEVICE_MEMORY_FRACTION` of the free device memory, otherwise ``"stream"`` (arrays on
        the CPU, each compact minibatch copied through pinned memory and made dense on the
        device);
     4. any other accelerator uses ``"scvi"``.
 
-    An explicit ``"device"`` or ``"stream"`` raises a ValueError when the data are not in memory.
+    An explicit ``"device"`` or ``"stream"`` raises a ValueError when the data are not in memory,
+    and an explicit ``"backed"`` when they are not on disk in a supported format.
     """
     check_data_path(data_path)
     if data_path == "scvi":
@@ -74,11 +78,18 @@ def resolve_data_path(
         if not in_memory:
             raise ValueError(
                 f"data_path={data_path!r} needs the registered data in memory; this AnnData is backed "
-                "or holds on-disk / dask arrays. Use data_path='scvi' or 'auto'."
+                "or holds on-disk / dask arrays. Use data_path='backed', 'scvi' or 'auto'."
             )
         return data_path
+    if data_path == "backed":
+        if not backed_supported(adata_manager, data_and_attributes):
+            raise ValueError(
+                "data_path='backed' needs registered arrays in memory or on disk as dense or CSR "
+                "arrays of a backed AnnData (not CSC, not dask). Use data_path='scvi'."
+            )
+        return "backed"
     if not in_memory:
-        return "scvi"
+        return "backed" if backed_supported(adata_manager, data_and_attributes) else "scvi"
     device = torch.device(device)
     if device.type == "cpu":
         return "device"
@@ -91,6 +102,8 @@ def resolve_data_path(
 
 class _DevicePathMixin:
     """Shared by both splitters: resolve the data path at ``setup`` and build the store once."""
+
+    _supports_backed = True
 
     def _init_data_path(self, data_path: str, device) -> None:
         self.data_path = check_data_path(data_path)
@@ -121,8 +134,10 @@ class _DevicePathMixin:
         device = self._training_device()
         data_and_attributes = self.data_loader_kwargs.get("data_and_attributes")
         path = resolve_data_path(self.data_path, self.adata_manager, device, data_and_attributes)
+        if path == "backed" and not self._supports_backed:
+            path = "scvi"
         self.resolved_data_path, self.device = path, device
-        if path == "scvi":
+        if path in ("scvi", "backed"):
             self._store = None
             return
         store_device = torch.device("cpu") if path == "stream" else device
@@ -141,7 +156,9 @@ class _DevicePathMixin:
     def _device_loader_kwargs(self) -> dict:
         kwargs = dict(self.data_loader_kwargs)
         kwargs.update(self._replica_kwargs())
-        kwargs.update(store=self._store, device=self.device)
+        kwargs["device"] = self.device
+        if self.resolved_data_path != "backed":
+            kwargs["store"] = self._store
         return kwargs
 
 
@@ -233,7 +250,8 @@ class DataSplitter(_DevicePathMixin, _ScviDataSplitter):
         self._prepare_data_path()
 
     def _loader(self, indices, shuffle: bool, drop_last: bool):
-        return DeviceDataLoader(
+        cls = BackedDataLoader if self.resolved_data_path == "backed" else DeviceDataLoader
+        return cls(
             self.adata_manager,
             indices=indices,
             shuffle=shuffle,
@@ -316,6 +334,9 @@ class SemiSupervisedDataSplitter(_DevicePathMixin, _ScviSemiSupervisedDataSplitt
     >>> full["X"].shape
     torch.Size([64, 50])
     """
+
+    # backed data: scvi's semi-supervised loader (the labelled minibatches are scattered rows)
+    _supports_backed = False
 
     def __init__(
         self,
