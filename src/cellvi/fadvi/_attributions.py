@@ -52,13 +52,20 @@ def attribute(
         elif method == "gs":
             args.setdefault("n_samples", 20)
             args.setdefault("stdevs", 0.0)
+            # captum draws GradientShap's baselines with torch and its path coefficients with
+            # numpy's global generator: seed both, then put both states back
+            np_state = np.random.get_state()
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
+                np.random.seed(seed)
                 # a distribution of baselines: two zero-count cells (GradientShap draws among them)
                 baselines = torch.zeros((2, x.shape[1]), dtype=x.dtype, device=x.device)
-                out = attr.GradientShap(forward).attribute(
-                    x, baselines=baselines, target=target, additional_forward_args=extra, **args
-                )
+                try:
+                    out = attr.GradientShap(forward).attribute(
+                        x, baselines=baselines, target=target, additional_forward_args=extra, **args
+                    )
+                finally:
+                    np.random.set_state(np_state)
         else:
             raise ValueError(f"interpretability must be 'ig' or 'gs', got {method!r}.")
     return out.detach()

@@ -328,6 +328,7 @@ class FADVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseM
         cls._check_setup_inputs(
             adata, layer, batch_key, labels_key, unlabeled_category, size_factor_key,
             categorical_covariate_keys, continuous_covariate_keys,
+            query="source_registry" in kwargs,
         )
         setup_method_args = cls._get_setup_method_args(**locals())
         anndata_fields = [
@@ -344,7 +345,7 @@ class FADVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseM
 
     @staticmethod
     def _check_setup_inputs(
-        adata, layer, batch_key, labels_key, unlabeled_category, size_factor_key, cat_keys, cont_keys
+        adata, layer, batch_key, labels_key, unlabeled_category, size_factor_key, cat_keys, cont_keys, query=False
     ) -> None:
         if not isinstance(adata, AnnData):
             raise ValueError(f"adata must be an AnnData object, got {type(adata).__name__}.")
@@ -366,7 +367,7 @@ class FADVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseM
                     f"unlabeled_category={unlabeled_category!r} is absent from adata.obs[{labels_key!r}], "
                     f"which holds {near[0]!r}; pass unlabeled_category={near[0]!r} if those cells are unlabeled."
                 )
-        if len(present - {unlabeled_category}) == 0:
+        if len(present - {unlabeled_category}) == 0 and not query:
             raise ValueError(
                 f"labels_key={labels_key!r}: every cell is {unlabeled_category!r}; FADVI needs labeled cells "
                 "to learn the label factor."

@@ -70,6 +70,26 @@ def _uniform_gap(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (-F.log_softmax(logits, dim=-1).mean(-1)).mean() - math.log(logits.shape[-1])
 
 
+def _standardise(z: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
+    """Centre and scale every column over the minibatch (as a fresh probe would)."""
+    if z.shape[0] < 2:
+        return z - z.detach()
+    return (z - z.mean(0, keepdim=True)) / z.std(0, keepdim=True).clamp(min=eps)
+
+
+def _class_mean_spread(z: torch.Tensor, target: torch.Tensor, n_classes: int, mask: torch.Tensor | None):
+    """Between-class variance of a standardised block: ``sum_c w_c ||mean_c(z) - mean(z)||^2``."""
+    if mask is not None:
+        z, target = z[mask], target[mask]
+    if z.shape[0] < 2 or n_classes < 2:
+        return z.sum() * 0.0
+    onehot = F.one_hot(target, n_classes).to(z.dtype)
+    counts = onehot.sum(0)
+    zc = z - z.mean(0, keepdim=True)
+    means = (onehot.T @ zc) / counts.clamp(min=1).unsqueeze(-1)
+    return ((counts / z.shape[0]).unsqueeze(-1) * means.pow(2)).sum()
+
+
 def cross_covariance_penalty(zs: list[torch.Tensor]) -> torch.Tensor:
     """Sum over pairs of blocks of the squared Frobenius norm of their cross-covariance."""
     n = zs[0].shape[-2]
@@ -204,7 +224,12 @@ class FADVAE(BaseModuleClass):
         cat_list = [self.n_batch, *(n_cats_per_cov or [])]
         n_in = n_input + n_continuous_cov
         common = {"n_cat_list": cat_list, "n_layers": n_layers, "n_hidden": n_hidden,
-                  "dropout_rate": dropout_rate, "inject_covariates": True, "return_dist": True}
+                  "inject_covariates": True, "return_dist": True,
+                  # The encoders compute the same function in training and at inference (LayerNorm,
+                  # no dropout): the adversaries then see exactly the embedding users get. With
+                  # BatchNorm running statistics (which lag the weights) or dropout noise, a batch
+                  # signal hidden from the adversaries during training reappears at inference.
+                  "dropout_rate": 0.0, "use_batch_norm": False, "use_layer_norm": True}
         self.encoders = nn.ModuleDict(
             {k: Encoder(n_in, d, **common) for k, d in zip(BLOCKS, (n_latent_b, n_latent_l, n_latent_r), strict=True)}
         )
@@ -224,8 +249,8 @@ class FADVAE(BaseModuleClass):
         )
         # conditional prior means, stored (latent x classes) so that scArches' query mapping
         # appends the columns of new batches / labels along the last dimension
-        self.prior_mean_b = nn.Parameter(torch.randn(n_latent_b, self.n_batch) * 0.1)
-        self.prior_mean_l = nn.Parameter(torch.randn(n_latent_l, max(1, n_labels)) * 0.1)
+        self.prior_mean_b = nn.Parameter(torch.randn(n_latent_b, self.n_batch))
+        self.prior_mean_l = nn.Parameter(torch.randn(n_latent_l, max(1, n_labels)))
 
         heads = {
             "batch": (n_latent_b, self.n_batch),
@@ -375,7 +400,7 @@ class FADVAE(BaseModuleClass):
 
     def _library_prior(self, batch_index):
         idx = batch_index.reshape(-1).long()
-        return self.library_log_means[idx].unsqueeze(-1), self.library_log_vars[idx].unsqueeze(-1)
+        return self.library_log_means.reshape(-1)[idx].unsqueeze(-1), self.library_log_vars.reshape(-1)[idx].unsqueeze(-1)
 
     # -------------------------------------------------------------------- loss
     def _label_mask(self, y: torch.Tensor) -> torch.Tensor:
@@ -435,30 +460,53 @@ class FADVAE(BaseModuleClass):
         # towards a head output that carries no information (uniform), through the frozen head
         adv_terms = {}
         adv_total = zb.new_zeros(())
-        # on posterior means: the means are what users embed and probe, and sampling noise would
-        # hide from the adversaries a small leak that a probe of the means still finds
-        mb, ml, mr = qb.loc, ql_.loc, qr.loc
-        for key, head_name, z, target, mask in (
-            ("bl", "adv_label_from_b", mb, y_safe, labeled),
-            ("lb", "adv_batch_from_l", ml, s, None),
-            ("rb", "adv_batch_from_r", mr, s, None),
-            ("rl", "adv_label_from_r", mr, y_safe, labeled),
+        # The adversaries see posterior means (what users embed and probe; sampling noise would
+        # hide a leak that a probe of the means still finds), with the block's own factor removed
+        # (z_b - m_s, z_l - m_y) and standardised over the minibatch as a probe would: shrinking a
+        # leaked signal does not hide it, and z_l may keep what batch composition implies.
+        mb = _standardise(qb.loc - self.prior_mean_b.T[s].detach())
+        ml = _standardise(ql_.loc - (resp @ m_l).detach())
+        mr = _standardise(qr.loc)
+        K, B = max(1, self.n_labels), self.n_batch
+        # linear leakage is measured within each (label, batch) cell of the table: z_l must not
+        # differ between batches within a label, nor z_b between labels within a batch
+        y_all = torch.where(labeled, y_safe, resp.argmax(-1))
+        joint = y_all * B + s
+        spread = {
+            # between (label, batch) cells minus between batches = labels within batches
+            "bl": _class_mean_spread(mb, joint, K * B, None) - _class_mean_spread(mb, s, B, None),
+            # between (label, batch) cells minus between labels = batches within labels
+            "lb": _class_mean_spread(ml, joint, K * B, None) - _class_mean_spread(ml, y_all, K, None),
+            "rb": _class_mean_spread(mr, s, B, None),
+            "rl": _class_mean_spread(mr, y_safe, K, labeled),
+        }
+        for key, head_name, z, target, mask, n_class in (
+            ("bl", "adv_label_from_b", mb, y_safe, labeled, K),
+            ("lb", "adv_batch_from_l", ml, s, None, B),
+            ("rb", "adv_batch_from_r", mr, s, None, B),
+            ("rl", "adv_label_from_r", mr, y_safe, labeled, K),
         ):
             head = self.heads[head_name]
             ce = _masked_ce(head(z.detach()), target, mask)
             gap = _uniform_gap(_frozen_call(head, z), mask)
+            # plus the part of the leak no adversary can miss: differences between the class
+            # means of the standardised block (what a linear probe exploits)
+            gap = gap + spread[key]
             adv_terms[key] = ce
-            adv_total = adv_total + ce + self.adversary_scale * self.alpha[key] * gap
+            # the head's own loss is scaled too: it only reaches the head (detached input), and
+            # keeps the adversary learning as fast as the encoders move despite Adam's eps
+            adv_total = adv_total + self.adversary_scale * (ce + self.alpha[key] * gap)
         # residual adversaries: z_r is the residual, so neither z_b nor z_l may predict it
-        target_r = (mr - mr.mean(0, keepdim=True)).detach()
-        target_r = target_r / target_r.std(0, keepdim=True).clamp(min=1e-4) if target_r.shape[0] > 1 else target_r
-        for key, head_name, z, mask in (("br", "adv_res_from_b", mb, None), ("lr", "adv_res_from_l", ml, None)):
+        target_r = mr.detach()
+        for key, head_name, z in (("br", "adv_res_from_b", mb), ("lr", "adv_res_from_l", ml)):
             head = self.heads[head_name]
             mse = (head(z.detach()) - target_r).pow(2).mean()
             pred = _frozen_call(head, z)
             spread = (pred - pred.mean(0, keepdim=True)).pow(2).mean() if pred.shape[0] > 1 else pred.sum() * 0.0
+            # and the linear part: squared correlations between the block and z_r
+            spread = spread + (z.T @ target_r / max(1, z.shape[0] - 1)).pow(2).sum()
             adv_terms[key] = mse
-            adv_total = adv_total + mse + self.adversary_scale * self.alpha_res * spread
+            adv_total = adv_total + self.adversary_scale * (mse + self.alpha_res * spread)
 
         xcov = cross_covariance_penalty([zb, zl, zr])
         loss = elbo + sup + adv_total + self.gamma * xcov

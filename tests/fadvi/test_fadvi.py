@@ -1,0 +1,292 @@
+"""cellvi.FADVI on cellvi.data.simulate_batches: disentanglement, prediction, the full API, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import cellvi
+from cellvi.data import simulate_batches
+from cellvi.fadvi import FADVI, evaluate_disentanglement
+
+QUIET = {"enable_progress_bar": False}
+SMALL = {"n_latent_b": 6, "n_latent_l": 8, "n_latent_r": 4, "n_hidden": 64}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    import scvi
+
+    scvi.settings.seed = 0
+    adata = simulate_batches(
+        n_cells=1200, n_genes=200, n_batches=3, n_labels=4, composition_concentration=None, seed=1
+    )
+    FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels")
+    model = FADVI(adata, **SMALL)
+    model.train(max_epochs=30, batch_size=128, **QUIET)
+    return model, adata
+
+
+@pytest.fixture(scope="module")
+def probes(trained):
+    model, adata = trained
+    return evaluate_disentanglement(model, labels_key="cell_type", continuous_keys=["residual"]).set_index(
+        ["latent", "target"]
+    )
+
+
+def test_unlabeled_cells_predicted(trained):
+    model, adata = trained
+    pred = model.predict()
+    unl = ~adata.obs["is_labeled"].to_numpy()
+    acc = np.mean(pred[unl] == adata.obs["cell_type"].to_numpy()[unl])
+    assert acc > 0.9, acc
+    assert set(pred) <= set(adata.obs["cell_type"].cat.categories)
+
+
+def test_batch_and_label_leakage_near_chance(probes):
+    # the supervised blocks hold their factor ...
+    assert probes.loc[("z_b", "batch"), "score"] > 0.95
+    assert probes.loc[("z_l", "label"), "score"] > 0.95
+    # ... and far less of the other one (chance 1/3 for batch, 1/4 for label)
+    assert probes.loc[("z_l", "batch"), "score"] < 0.6, probes.loc[("z_l", "batch")]
+    assert probes.loc[("z_b", "label"), "score"] < 0.6, probes.loc[("z_b", "label")]
+    assert probes.loc[("z_r", "batch"), "score"] < 0.6, probes.loc[("z_r", "batch")]
+    assert probes.loc[("z_r", "label"), "score"] < 0.6, probes.loc[("z_r", "label")]
+
+
+def test_residual_program_in_z_r_not_z_b(probes):
+    r2_r = probes.loc[("z_r", "residual"), "score"]
+    r2_b = probes.loc[("z_b", "residual"), "score"]
+    assert r2_r > 0.85, r2_r
+    assert r2_b < 0.3, r2_b
+    assert probes.loc[("z_l", "residual"), "score"] < 0.3
+
+
+def test_latent_shapes_and_determinism(trained):
+    model, adata = trained
+    for rep, d in (("full", 18), ("b", 6), ("batch", 6), ("l", 8), ("label", 8), ("r", 4), ("lr", 12)):
+        z = model.get_latent_representation(representation=rep)
+        assert z.shape == (adata.n_obs, d)
+        assert z.dtype == np.float32
+    z1 = model.get_latent_representation(representation="full")
+    z2 = model.get_latent_representation(representation="full")
+    np.testing.assert_array_equal(z1, z2)
+    zs = model.get_latent_representation(representation="full", give_mean=False)
+    assert not np.allclose(zs, z1)
+    dist = model.get_latent_representation(representation="lr", return_dist=True, indices=np.arange(10))
+    np.testing.assert_array_equal(dist["mean"], z1[:10, 6:])
+    assert dist["var"].shape == (10, 12) and np.all(dist["var"] > 0)
+    assert dist["dist"].loc.shape == (10, 12)
+    # predictions use posterior means: identical twice
+    p1 = model.predict(soft=True)
+    np.testing.assert_array_equal(p1, model.predict(soft=True))
+    np.testing.assert_allclose(p1.sum(1), 1.0, rtol=1e-5)
+
+
+def test_predict_formats(trained):
+    model, adata = trained
+    idx = np.arange(5, 25)
+    soft = model.predict(indices=idx, soft=True, return_numpy=False)
+    assert isinstance(soft, pd.DataFrame)
+    assert list(soft.index) == list(adata.obs_names[idx])
+    assert list(soft.columns) == [f"type_{k}" for k in range(4)]
+    hard = model.predict(indices=idx, return_numpy=False)
+    assert isinstance(hard, pd.Series) and (hard.index == adata.obs_names[idx]).all()
+    batch = model.predict(prediction_mode="batch")
+    assert np.mean(batch == adata.obs["batch"].to_numpy()) > 0.95
+
+
+def test_transform_batch_is_a_counterfactual(trained):
+    model, adata = trained
+    cells = np.flatnonzero(adata.obs["batch"].to_numpy() == "batch_0")[:150]
+    as0 = model.get_normalized_expression(indices=cells, transform_batch="batch_0", n_samples=5)
+    as1 = model.get_normalized_expression(indices=cells, transform_batch="batch_1", n_samples=5)
+    assert list(as1.index) == list(adata.obs_names[cells]) and list(as1.columns) == list(adata.var_names)
+    lfc = np.log(as1.to_numpy() + 1e-6).mean(0) - np.log(as0.to_numpy() + 1e-6).mean(0)
+    truth = adata.varm["batch_effect"][:, 1] - adata.varm["batch_effect"][:, 0]
+    # softmax normalisation shifts all genes together: compare centred log-fold changes
+    r = np.corrcoef(lfc - lfc.mean(), truth - truth.mean())[0, 1]
+    assert r > 0.8, r
+
+
+def test_differential_expression_and_marginal_ll(trained):
+    model, adata = trained
+    de = model.differential_expression(
+        groupby="cell_type", group1="type_0", group2="type_1", batch_correction=True, n_samples_overall=300
+    )
+    assert {"proba_m1", "bayes_factor", "scale1", "scale2"} <= set(de.columns)
+    top = (np.log(de["scale1"]) - np.log(de["scale2"])).sort_values(ascending=False).index[:10]
+    assert (adata.var.loc[top, "marker_of"] == "type_0").mean() >= 0.8
+    ll = model.get_marginal_ll(indices=np.arange(40), n_mc_samples=4)
+    assert np.isfinite(ll) and ll < 0
+    samples = model.posterior_predictive_sample(indices=np.arange(7), n_samples=2)
+    assert samples.shape == (7, adata.n_vars, 2)
+
+
+def test_save_load_equal(trained, tmp_path):
+    model, adata = trained
+    model.save(tmp_path / "m", overwrite=True)
+    loaded = FADVI.load(tmp_path / "m", adata=adata)
+    np.testing.assert_array_equal(
+        model.get_latent_representation(representation="full"),
+        loaded.get_latent_representation(representation="full"),
+    )
+    np.testing.assert_array_equal(model.predict(soft=True), loaded.predict(soft=True))
+
+
+def test_attributions(trained):
+    pytest.importorskip("captum")
+    model, adata = trained
+    idx = np.arange(12)
+    res = model.predict(indices=idx, interpretability="ig", interpretability_args={"n_steps": 16})
+    a = res["attributions"]
+    assert a.shape == (12, adata.n_vars) and a.dtype == np.float32
+    again = model.predict(indices=idx, interpretability="ig", interpretability_args={"n_steps": 16})
+    np.testing.assert_allclose(again["attributions"], a, rtol=1e-5, atol=1e-7)
+    # marker genes of a cell's predicted type carry more attribution than the other genes
+    own = adata.var["marker_of"].to_numpy()[None, :] == np.asarray(res["predictions"])[:, None]
+    assert np.abs(a)[own].mean() > 2 * np.abs(a)[~own].mean()
+    gs1 = model.predict(indices=idx, interpretability="gs", return_dict=False)
+    gs2 = model.predict(indices=idx, interpretability="gs", return_dict=False)
+    np.testing.assert_array_equal(gs1[1], gs2[1])
+    ranked = model.get_ranked_features(adata, res["attributions"], top_n=5)
+    assert list(ranked.columns[:6]) == [
+        "feature", "feature_idx", "attribution_mean", "attribution_std", "attribution_abs_mean", "n_cells"
+    ]
+    assert len(ranked) == 5 and ranked["attribution_abs_mean"].is_monotonic_decreasing
+    per_class = model.get_ranked_features(adata, res, top_n=3)
+    assert set(per_class["group"]) == {"all", *set(res["predictions"])}
+    with pytest.raises(ValueError, match="columns"):
+        model.get_ranked_features(adata, a[:, :10])
+
+
+def test_query_mapping(trained):
+    model, adata = trained
+    query = simulate_batches(n_cells=300, n_genes=200, n_batches=4, n_labels=4, seed=1,
+                             composition_concentration=None)
+    query = query[query.obs["batch"] == "batch_3"].copy()
+    query.obs["batch"] = "query_batch"
+    query.obs["labels"] = "Unknown"
+    q = FADVI.load_query_data(query, model)
+    before = q.module.prior_mean_b.detach().clone()
+    q.train(max_epochs=5, **QUIET)
+    after = q.module.prior_mean_b.detach()
+    torch.testing.assert_close(after[:, :3], before[:, :3])  # reference batches untouched
+    assert not torch.allclose(after[:, 3], before[:, 3])  # the query batch is learned
+    pred = q.predict()
+    assert np.mean(pred == query.obs["cell_type"].to_numpy()) > 0.7
+    bad = query[:, :150].copy()
+    bad.var_names = [f"new_{i}" for i in range(150)]
+    with pytest.raises(ValueError, match="not seen"):
+        FADVI.load_query_data(bad, model)
+
+
+# --------------------------------------------------------------- options
+@pytest.fixture(scope="module")
+def small():
+    return simulate_batches(n_cells=260, n_genes=60, n_batches=2, n_labels=3, covariates=True, seed=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dispersion": "gene-label", "gene_likelihood": "nb"},
+        {"dispersion": "gene-batch", "gene_likelihood": "poisson"},
+        {"dispersion": "gene-cell", "use_observed_lib_size": False},
+    ],
+)
+def test_options_train_and_decode(small, kwargs):
+    adata = small.copy()
+    FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels")
+    model = FADVI(adata, **SMALL, **kwargs)
+    model.train(max_epochs=2, **QUIET)
+    expr = model.get_normalized_expression(transform_batch=["batch_0", "batch_1"])
+    assert expr.shape == (adata.n_obs, adata.n_vars) and np.isfinite(expr.to_numpy()).all()
+    assert np.isfinite(model.get_elbo())
+
+
+def test_covariates_and_size_factor(small):
+    adata = small.copy()
+    adata.obs["sf"] = adata.obs["library_size"] / adata.obs["library_size"].mean()
+    FADVI.setup_anndata(
+        adata, batch_key="batch", labels_key="labels", size_factor_key="sf",
+        categorical_covariate_keys=["protocol"], continuous_covariate_keys=["pct_mito"],
+    )
+    model = FADVI(adata, **SMALL)
+    assert model.module.use_size_factor_key and model.module.n_continuous_cov == 1
+    model.train(max_epochs=3, **QUIET)
+    x = model.get_normalized_expression(library_size="latent", n_samples=1)
+    assert np.isfinite(x.to_numpy()).all()
+    # the continuous covariate reaches the decoder: changing it changes the decoded expression
+    shifted = adata.copy()
+    shifted.obs["pct_mito"] = shifted.obs["pct_mito"] + 10.0
+    model.module.eval()
+    a = model.get_normalized_expression(adata, n_samples=1, indices=np.arange(20))
+    b = model.get_normalized_expression(shifted, n_samples=1, indices=np.arange(20))
+    assert not np.allclose(a.to_numpy(), b.to_numpy())
+
+
+def test_single_batch_and_last_minibatch_of_one(small):
+    adata = small[:257].copy()  # 257 * 0.9 -> 232 training cells = 128 + 104 ... use train_size=1
+    FADVI.setup_anndata(adata, labels_key="labels")
+    with pytest.warns(UserWarning, match="single batch"):
+        model = FADVI(adata, **SMALL)
+    model.train(max_epochs=2, batch_size=128, train_size=1.0, **QUIET)  # 257 = 2 * 128 + 1
+    assert model.get_latent_representation().shape == (257, 8)
+
+
+def test_unlabeled_category_absent_is_all_labeled(small):
+    adata = small.copy()
+    adata.obs["labels"] = adata.obs["cell_type"]
+    FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels")
+    model = FADVI(adata, **SMALL)
+    assert model.module.n_labels == 3
+    model.train(max_epochs=1, **QUIET)
+    assert model.predict(soft=True).shape == (adata.n_obs, 3)
+
+
+def test_bad_input(small):
+    adata = small.copy()
+    with pytest.raises(ValueError, match="labels_key is required"):
+        FADVI.setup_anndata(adata, batch_key="batch")
+    with pytest.raises(ValueError, match="labels_key='nope'"):
+        FADVI.setup_anndata(adata, batch_key="batch", labels_key="nope")
+    with pytest.raises(ValueError, match="unlabeled_category='unknown'"):
+        FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels", unlabeled_category="unknown")
+    nan = adata.copy()
+    nan.obs.loc[nan.obs_names[3], "pct_mito"] = np.nan
+    with pytest.raises(ValueError, match="pct_mito"):
+        FADVI.setup_anndata(nan, batch_key="batch", labels_key="labels", continuous_covariate_keys=["pct_mito"])
+    nan_cat = adata.copy()
+    nan_cat.obs["protocol"] = nan_cat.obs["protocol"].astype(object)
+    nan_cat.obs.loc[nan_cat.obs_names[0], "protocol"] = None
+    with pytest.raises(ValueError, match="protocol"):
+        FADVI.setup_anndata(nan_cat, batch_key="batch", labels_key="labels", categorical_covariate_keys=["protocol"])
+    frac = adata.copy()
+    frac.X = frac.X * 0.5
+    with pytest.raises(ValueError, match="non-integer"):
+        FADVI.setup_anndata(frac, batch_key="batch", labels_key="labels")
+    FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels")
+    with pytest.raises(ValueError, match="dispersion"):
+        FADVI(adata, dispersion="gene-sample")
+    with pytest.raises(ValueError, match="setup_anndata"):
+        FADVI(adata, batch_key="batch")
+    model = FADVI(adata, **SMALL)
+    with pytest.raises(ValueError, match="representation"):
+        model.get_latent_representation(representation="x")
+    with pytest.raises(ValueError, match="prediction_mode"):
+        model.predict(prediction_mode="cells")
+    with pytest.raises(ValueError, match="interpretability"):
+        model.predict(interpretability="shap")
+
+
+def test_registry_entries():
+    assert cellvi.FADVI is FADVI
+    assert cellvi.data.simulate_batches is simulate_batches
+    a = simulate_batches(n_cells=50, n_genes=30, seed=5)
+    b = simulate_batches(n_cells=50, n_genes=30, seed=5)
+    assert (a.X != b.X).nnz == 0
+    assert set(a.obs["labels"].cat.categories) == {"type_0", "type_1", "type_2", "type_3", "type_4", "Unknown"}
