@@ -28,6 +28,7 @@ _MODELS: dict[str, str] = {
     "VELOVI": "cellvi.velovi",
     "SCAR": "cellvi.scar",
     "AMICI": "cellvi.amici",
+    "FADVI": "cellvi.fadvi",
 }
 _SUBMODULES = (
     "data",
