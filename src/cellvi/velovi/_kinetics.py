@@ -53,10 +53,7 @@ def induction(
     s = (
         a1 / gamma * -torch.expm1(-gamma * t)
         - a1 * exp_diff(gamma, beta, t)
-        - beta * delta / (_safe_denominator(beta - lam) * _safe_denominator(gamma - lam))
-        * (torch.exp(-lam * t) - torch.exp(-gamma * t))
-        + beta * delta / (_safe_denominator(beta - lam) * _safe_denominator(gamma - beta))
-        * (torch.exp(-beta * t) - torch.exp(-gamma * t))
+        + beta * delta / _safe_denominator(beta - lam) * (exp_diff(beta, gamma, t) - exp_diff(lam, gamma, t))
     )
     return u, s
 

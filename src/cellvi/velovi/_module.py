@@ -447,7 +447,8 @@ class VELOVAE(BaseModuleClass):
         scaled_inv = (math.sqrt(0.5) / sd).view(shape)
         log_norm = (-torch.log(sd) - 0.5 * _LOG_2PI).view(shape)
         log_pi = torch.log(generative_outputs["px_pi"].clamp_min(_TINY))
-        x = torch.stack([unspliced, spliced]).unsqueeze(-1)
+        x = torch.stack([unspliced, spliced])  # (2, B, G): broadcast over the sample dims of the means
+        x = x.view(2, *(1,) * (means.dim() - x.dim() - 1), *x.shape[1:], 1)
         zsc = (x - means) * scaled_inv
         ll = torch.logsumexp(log_pi + log_norm - zsc * zsc, dim=-1)
         return ll[0], ll[1]

@@ -1,0 +1,60 @@
+"""Closed-form kinetics against numerical integration; the simulator's ground truth is self-consistent."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+import cellvi
+from cellvi.velovi._kinetics import induction, repression
+
+
+@pytest.mark.parametrize("gamma", [0.3, 0.8, 0.8 + 1e-7])  # the last is gamma == beta up to float error
+@pytest.mark.parametrize("time_dep", [False, True])
+def test_closed_forms_match_ode(gamma, time_dep):
+    alpha, beta, a1, lam = 2.0, 0.8, 3.0, 0.5
+    t_grid = np.linspace(0.0, 10.0, 21)
+
+    def rate(t):
+        return a1 - (a1 - alpha) * np.exp(-lam * t) if time_dep else alpha
+
+    sol = solve_ivp(
+        lambda t, y: [rate(t) - beta * y[0], beta * y[0] - gamma * y[1]],
+        (0, 10), [0.0, 0.0], t_eval=t_grid, rtol=1e-10, atol=1e-12,
+    )
+    T = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    extra = (T(a1), T(lam)) if time_dep else (None, None)
+    u, s = induction(T(alpha), T(beta), T(gamma), T(t_grid), *extra)
+    np.testing.assert_allclose(u.numpy(), sol.y[0], atol=1e-5)
+    np.testing.assert_allclose(s.numpy(), sol.y[1], atol=1e-4)
+    # repression from the state at t=4
+    u0, s0 = induction(T(alpha), T(beta), T(gamma), T(4.0), *extra)
+    rep = solve_ivp(
+        lambda t, y: [-beta * y[0], beta * y[0] - gamma * y[1]],
+        (0, 6), [float(u0), float(s0)], t_eval=np.linspace(0, 6, 13), rtol=1e-10, atol=1e-12,
+    )
+    ur, sr = repression(u0, s0, T(beta), T(gamma), T(np.linspace(0, 6, 13)))
+    np.testing.assert_allclose(ur.numpy(), rep.y[0], atol=1e-6)
+    np.testing.assert_allclose(sr.numpy(), rep.y[1], atol=1e-6)
+
+
+def test_simulator_is_seeded_and_consistent():
+    a = cellvi.data.simulate_velocity(n_obs=120, n_vars=8, seed=3)
+    b = cellvi.data.simulate_velocity(n_obs=120, n_vars=8, seed=3)
+    c = cellvi.data.simulate_velocity(n_obs=120, n_vars=8, seed=4)
+    np.testing.assert_array_equal(a.layers["spliced"], b.layers["spliced"])
+    assert not np.array_equal(a.layers["spliced"], c.layers["spliced"])
+    beta, gamma = a.var["true_beta"].to_numpy(), a.var["true_gamma"].to_numpy()
+    u, s = a.layers["true_unspliced"], a.layers["true_spliced"]
+    np.testing.assert_allclose(a.layers["true_velocity"], beta * u - gamma * s, rtol=1e-4, atol=1e-4)
+    on = a.obs["true_time"].to_numpy()[:, None] <= a.var["true_t_switch"].to_numpy()
+    assert ((a.layers["true_state"] <= 1) == on).all()
+    assert (a.layers["true_velocity_u"][~on] < 0).all() and (a.layers["true_velocity_u"][on] >= 0).all()
+    assert a.layers["spliced"].dtype == np.float32 and (a.layers["spliced"] == np.round(a.layers["spliced"])).all()
+    assert list(a.obs["cell_type"].cat.categories) == ["type_0", "type_1", "type_2", "type_3"]
+    sp = cellvi.data.simulate_velocity(n_obs=50, n_vars=4, seed=0, sparse=True)
+    assert sp.layers["spliced"].format == "csr"
+    with pytest.raises(ValueError, match="n_obs"):
+        cellvi.data.simulate_velocity(n_obs=0)
+    with pytest.raises(ValueError, match="beta_range"):
+        cellvi.data.simulate_velocity(beta_range=(1.0, 0.5))
