@@ -14,7 +14,15 @@ class SCARTrainingPlan(TrainingPlan):
     running sums in a tensor and logs the same keys (``train_loss``, ``elbo_train``,
     ``reconstruction_loss_train``, ``kl_local_train``, ``kl_global_train``) with the same values once
     per epoch. Validation, optimisers, KL warm-up and schedulers are scvi-tools'.
+
+    The KL term has full weight from the start (``n_epochs_kl_warmup=None``): scvi-tools' 400-epoch
+    warm-up never completes at SCAR's default epochs, and the weaker regularisation lets the native
+    frequencies absorb ambient RNA (the contamination is then over-estimated and less well ranked
+    in our simulations). Pass ``plan_kwargs={"n_epochs_kl_warmup": 400}`` for scvi-tools' behaviour.
     """
+
+    def __init__(self, module, *, n_epochs_kl_warmup: int | None = None, **kwargs):
+        super().__init__(module, n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs)
 
     def get_optimizer_creator(self):
         """scvi-tools' Adam / AdamW with the same settings, fused into one kernel where supported.

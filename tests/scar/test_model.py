@@ -1,0 +1,139 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import sparse
+
+import cellvi
+from cellvi.scar._components import AmbientBinomial, LogFactorial
+from cellvi.scar._metrics import ambient_removal_summary
+
+
+def test_denoising_recovers_truth(trained):
+    adata, _, model = trained
+    den = model.get_denoised_counts()
+    assert sparse.isspmatrix_csr(den) and den.dtype == np.int32 and den.shape == adata.shape
+    s = ambient_removal_summary(adata.X, den, adata.layers["native"])
+    assert s["corr_denoised"] > s["corr_observed"] + 0.02
+    assert s["rmse_denoised"] < 0.6 * s["rmse_observed"]
+    assert s["native_removed"] < 0.08  # almost no native counts removed
+    assert s["ambient_removed"] > 0.6
+    assert s["entries_above_observed"] == 0.0  # never more counts than observed
+
+
+def test_contamination_and_native_frequencies(trained):
+    adata, _, model = trained
+    rho = model.get_contamination_fraction()
+    assert rho.index.equals(adata.obs_names) and rho.dtype == np.float64
+    assert np.corrcoef(rho, adata.obs["ambient_fraction"])[0, 1] > 0.8
+    assert abs(rho.mean() - adata.obs["ambient_fraction"].mean()) < 0.05
+    f = model.get_native_frequencies()
+    assert f.shape == adata.shape and f.columns.equals(adata.var_names)
+    np.testing.assert_allclose(f.sum(1), 1.0, atol=1e-4)
+    assert (f.to_numpy() == 0).mean() > 0.1  # softplus_sp gives exact zeros
+    # deterministic accessors: identical outputs twice
+    pd.testing.assert_series_equal(rho, model.get_contamination_fraction())
+    # normalised expression = native frequencies (sums to 1, not 1 - rho)
+    ne = model.get_normalized_expression(n_samples=3)
+    np.testing.assert_allclose(ne.sum(1), 1.0, atol=1e-4)
+
+
+def test_resynthesis_clip_option(trained):
+    adata, _, model = trained
+    x = adata.X.toarray()
+    raw = model.get_denoised_counts(method="resynthesis", clip_to_obs=False).toarray()
+    clipped = model.get_denoised_counts(method="resynthesis").toarray()
+    assert (raw > x).any() and not (clipped > x).any()
+    med = model.get_denoised_counts(n_samples=5, indices=np.arange(10))
+    assert med.shape == (10, adata.n_vars)
+
+
+def test_inherited_methods(trained):
+    adata, _, model = trained
+    lat = model.get_latent_representation()
+    assert lat.shape == (adata.n_obs, 15)
+    assert np.isfinite(model.get_elbo()) and np.isfinite(model.get_marginal_ll(n_mc_samples=5))
+    rec = model.get_reconstruction_error()["reconstruction_loss"]
+    assert np.isfinite(float(rec))
+    lib = model.get_latent_library_size()
+    np.testing.assert_allclose(lib[:, 0], np.asarray(adata.X.sum(1)).ravel())
+    pp = model.posterior_predictive_sample(indices=np.arange(50))
+    obs_tot = np.asarray(adata.X[:50].sum(1)).ravel()
+    # replicates of the observed data (native + ambient): totals match the observed ones
+    assert np.mean(np.abs(pp.todense().sum(1) / obs_tot - 1)) < 0.05
+    params = model.get_likelihood_parameters(indices=np.arange(20))
+    np.testing.assert_allclose(params["mean"].sum(1), obs_tot[:20], rtol=1e-4)
+    de = model.differential_expression(groupby="cell_type", group1=["type_0"], batch_size=128)
+    assert isinstance(de, pd.DataFrame) and len(de) == adata.n_vars
+    corr = model.get_feature_correlation_matrix(indices=np.arange(60), n_samples=2)
+    assert corr.shape == (adata.n_vars, adata.n_vars) and corr.index.equals(adata.var_names)
+    agg = model.get_aggregated_posterior(indices=np.arange(30))
+    assert agg.sample().shape == (15,)
+
+
+def test_save_load_roundtrip(trained, tmp_path):
+    adata, _, model = trained
+    assert "ambient_profile" in model.module.state_dict()
+    model.save(tmp_path / "scar", save_anndata=False)
+    loaded = cellvi.SCAR.load(tmp_path / "scar", adata=adata)
+    torch.testing.assert_close(loaded.module.ambient_profile, model.module.ambient_profile)
+    pd.testing.assert_series_equal(loaded.get_contamination_fraction(), model.get_contamination_fraction())
+    np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
+
+
+def test_binomial_uses_exact_library_and_one_feature_cells(small):
+    # log-likelihood equals torch's Binomial with the exact integer n (no off-by-one)
+    x = torch.tensor([[13.0, 0, 0, 0, 0], [3.0, 5, 0, 1, 0]])
+    n = x.sum(1, keepdim=True)
+    f = torch.tensor([[0.9, 0.025, 0.025, 0.025, 0.025], [0.3, 0.4, 0.1, 0.1, 0.1]])
+    a = torch.full((1, 5), 0.2)
+    rho = torch.tensor([[0.1], [0.3]])
+    px = AmbientBinomial(f, rho, a, n)
+    ref = torch.distributions.Binomial(total_count=n.expand_as(x), probs=px.probs).log_prob(x)
+    torch.testing.assert_close(px.log_prob(x), ref, atol=1e-4, rtol=1e-5)
+    px.log_factorial = LogFactorial()
+    torch.testing.assert_close(px.log_prob_sum(x), ref.sum(-1), atol=1e-3, rtol=1e-5)
+    # cells whose counts all fall on one feature train without error
+    adata, _ = small(n_cells=80, n_genes=5, modality="guides")
+    cellvi.SCAR.setup_anndata(adata)
+    model = cellvi.SCAR(adata, ambient_profile=adata.varm["ambient_profile_true"], sparsity=1.0)
+    model.train(max_epochs=2, enable_progress_bar=False)
+    assert np.isfinite(model.history["elbo_train"].to_numpy(dtype=float)).all()
+
+
+def test_batch_key_is_used(small):
+    adata, raw = small(n_batches=2, seed=4)
+    cellvi.SCAR.setup_anndata(adata, batch_key="batch")
+    cellvi.SCAR.get_ambient_profile(adata, raw)
+    model = cellvi.SCAR(adata)
+    assert model.module.n_batch == 2 and model.module.ambient_profile.shape == (2, adata.n_vars)
+    assert not torch.allclose(model.module.ambient_profile[0], model.module.ambient_profile[1])
+    model.train(max_epochs=2, enable_progress_bar=False)
+    # the batch reaches the decoder: decoding as the other batch changes the native frequencies
+    f0 = model.get_normalized_expression(transform_batch="batch_0", indices=np.arange(10))
+    f1 = model.get_normalized_expression(transform_batch="batch_1", indices=np.arange(10))
+    assert not np.allclose(f0.to_numpy(), f1.to_numpy())
+
+
+@pytest.mark.parametrize("likelihood", ["b", "nb", "zinb", "poisson"])
+def test_every_likelihood_supports_the_api(likelihood, small):
+    adata, _ = small(seed=2)
+    cellvi.SCAR.setup_anndata(adata, labels_key="cell_type")
+    model = cellvi.SCAR(adata, ambient_profile=adata.varm["ambient_profile_true"], gene_likelihood=likelihood,
+                        latent_distribution="ln" if likelihood == "nb" else "normal")
+    model.train(max_epochs=2, enable_progress_bar=False)
+    idx = np.arange(30)
+    ne = model.get_normalized_expression(indices=idx)
+    np.testing.assert_allclose(ne.sum(1), 1.0, atol=1e-4)
+    params = model.get_likelihood_parameters(indices=idx, n_samples=2, give_mean=True)
+    assert params["mean"].shape == (30, adata.n_vars)
+    assert ("dispersions" in params) == (likelihood in ("nb", "zinb"))
+    assert ("dropout" in params) == (likelihood == "zinb")
+    assert model.get_feature_correlation_matrix(indices=idx, n_samples=2).shape == (adata.n_vars,) * 2
+    assert model.posterior_predictive_sample(indices=idx, n_samples=2).shape == (30, adata.n_vars, 2)
+    de = model.differential_expression(groupby="cell_type", group1=["type_0"], weights="importance",
+                                       importance_weighting_kwargs={"n_mc_samples": 4, "n_mc_samples_per_pass": 2})
+    assert len(de) == adata.n_vars
+    assert np.isfinite(model.get_marginal_ll(indices=idx, n_mc_samples=4))
+    den = model.get_denoised_counts(indices=idx)
+    assert (den.toarray() <= adata.X[idx].toarray()).all()
