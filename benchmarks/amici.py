@@ -68,6 +68,9 @@ def worker(impl: str, data: str, out: str, epochs: int, batch_size: int, n_neigh
     scvi.settings.seed = 0
     scvi.settings.dl_num_workers = 0
     if impl == "original":
+        # this script is itself named amici.py: take its folder off the path before importing the package
+        sys.path[:] = [q for q in sys.path if Path(q or ".").resolve() != HERE]
+        sys.modules.pop("amici", None)
         from amici import AMICI
     else:
         from cellvi.amici import AMICI

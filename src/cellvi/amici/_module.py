@@ -226,13 +226,28 @@ class AMICIModule(BaseModuleClass):
             KEYS.POS_HIDDEN: self.pos_nn(u),
         }
 
-    def _pair_terms(self, q, e, feats, nn_inverse):
-        """Base scores and distance coefficients (B, H, K) from per-cell features gathered by ``nn_inverse``."""
-        k = feats[KEYS.KEYS][nn_inverse]  # (B, K, H, D)
-        base = torch.einsum("bhd,bkhd->bhk", q, k) / math.sqrt(self.n_head_size)
-        pos = feats[KEYS.POS_HIDDEN][nn_inverse] + self.pos_label(e)[:, None, :]
-        coef = F.softplus(self.pos_out(F.relu(self.pos_norm(pos))) + self.pos_coef_offset)  # (B, K, H)
-        return base, coef.transpose(1, 2)
+    def _pair_terms(self, q, e, feats, nn_inverse, labels):
+        """Base scores and distance coefficients (B, H, K) from per-cell features gathered by ``nn_inverse``.
+
+        Both depend only on the neighbour cell and the receiver's *type*, so they are computed once per unique
+        (neighbour cell, receiver type) pair of the minibatch and then gathered to the (receiver, slot) grid.
+        """
+        n_types = self.n_labels
+        # per-type queries / label embeddings (all receivers of a type share them)
+        # (one representative receiver per present type, so that gradients are not counted twice)
+        order = torch.argsort(labels, stable=True)
+        present, counts = torch.unique_consecutive(labels[order], return_counts=True)
+        first = order[torch.cumsum(counts, 0) - counts]
+        q_types = q.new_zeros(n_types, *q.shape[1:]).index_copy(0, present, q[first])
+        e_types = self.pos_label(e.new_zeros(n_types, e.shape[1]).index_copy(0, present, e[first]))
+        pair = nn_inverse * n_types + labels[:, None]
+        uniq, pair_inverse = torch.unique(pair, return_inverse=True)
+        cell, ctype = uniq // n_types, uniq % n_types
+        scores = torch.einsum("uhd,chd->uch", feats[KEYS.KEYS], q_types) / math.sqrt(self.n_head_size)
+        base = scores[cell, ctype]  # (M, H)
+        pos = feats[KEYS.POS_HIDDEN][cell] + e_types[ctype]
+        coef = F.softplus(self.pos_out(F.relu(self.pos_norm(pos))) + self.pos_coef_offset)  # (M, H)
+        return base[pair_inverse].permute(0, 2, 1), coef[pair_inverse].permute(0, 2, 1)
 
     @staticmethod
     def _flatten_neighbors(nn_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,7 +278,7 @@ class AMICIModule(BaseModuleClass):
         labels = labels.reshape(-1).long()
         q, e = self.queries(labels)
         flat, inverse = self._flatten_neighbors(nn_x)
-        base, coef = self._pair_terms(q, e, self.neighbor_features(flat), inverse)
+        base, coef = self._pair_terms(q, e, self.neighbor_features(flat), inverse, labels)
         scores = base - coef * nn_dist[:, None, :] / self._unit_scale
         return {"scores": scores, "base_scores": base, "distance_coef": coef}
 
@@ -272,7 +287,7 @@ class AMICIModule(BaseModuleClass):
         labels = labels.reshape(-1).long()
         q, e = self.queries(labels)
         flat, inverse = self._flatten_neighbors(nn_x)
-        return self._pair_terms(q, e, self.neighbor_features(flat), inverse)[1]
+        return self._pair_terms(q, e, self.neighbor_features(flat), inverse, labels)[1]
 
     def value_contributions(self, x: torch.Tensor) -> torch.Tensor:
         """Residual (N, H, G) that each cell ``x`` (N, G), as a neighbour, adds through head ``h`` at attention 1."""
@@ -347,7 +362,7 @@ class AMICIModule(BaseModuleClass):
         """
         labels = labels.reshape(-1).long()
         feats = {KEYS.KEYS: keys, KEYS.POS_HIDDEN: pos_hidden}
-        base, coef = self._pair_terms(queries, label_embed, feats, nn_inverse)
+        base, coef = self._pair_terms(queries, label_embed, feats, nn_inverse, labels)
         scores = base - coef * nn_dist[:, None, :].to(base.dtype) / self._unit_scale
         keep = None
         if self.training and self.neighbor_dropout > 0:
