@@ -4,6 +4,8 @@ Same data, same settings, same process, one torch thread. For each size it print
 
 * loader epochs per second: one shuffled pass over the training cells, minibatches of 128,
   every minibatch materialised as scvi's dense dict of tensors (nothing else timed);
+* with ``--backed``: the same pass over a backed (on-disk) h5ad, scvi's loader (scattered row
+  reads per minibatch) against cellvi's chunked reader;
 * with ``--train``: seconds per training epoch of ``scvi.model.SCVI`` with each data path
   (the model's compute is the same, so the difference is the data path).
 
@@ -11,6 +13,7 @@ Usage::
 
     .venv/bin/python benchmarks/dataloading.py                       # 20k and 100k cells x 2k genes
     .venv/bin/python benchmarks/dataloading.py --sizes 20000 --train # plus one SCVI epoch each
+    .venv/bin/python benchmarks/dataloading.py --sizes 20000 --backed  # plus an on-disk h5ad
 
 On a machine with CUDA the loader figures are also taken with the data on the GPU
 (``data_path="device"``) and streamed from the CPU (``"stream"``).
@@ -19,6 +22,7 @@ On a machine with CUDA the loader figures are also taken with the data on the GP
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import anndata
@@ -28,7 +32,7 @@ import torch
 from scipy import sparse
 from scvi.dataloaders import AnnDataLoader
 
-from cellvi.dataloaders import DataPathMixin, DeviceDataLoader
+from cellvi.dataloaders import BackedDataLoader, DataPathMixin, DeviceDataLoader
 
 
 def sparse_counts(n_cells: int, n_genes: int, density: float, seed: int = 0) -> anndata.AnnData:
@@ -95,6 +99,9 @@ def main(argv=None):
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train", action="store_true", help="also time one SCVI training epoch per path")
+    parser.add_argument(
+        "--backed", action="store_true", help="also time a backed (on-disk h5ad) AnnData: scvi's loader vs chunks"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -133,6 +140,26 @@ def main(argv=None):
         reference = times["scvi AnnDataLoader"]
         for name, seconds in times.items():
             print(f"{n:>8} {name:<28} {seconds:>9.3f} {1 / seconds:>9.2f} {reference / seconds:>7.2f}x")
+        if args.backed:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = f"{tmp}/data.h5ad"
+                adata.write_h5ad(path)
+                backed = anndata.read_h5ad(path, backed="r")
+                FastSCVI.setup_anndata(backed, batch_key="batch")
+                bmanager = FastSCVI(backed).adata_manager
+                cases = {
+                    "scvi AnnDataLoader, backed": lambda: AnnDataLoader(
+                        bmanager, indices=idx, batch_size=128, shuffle=True
+                    ),
+                    "cellvi backed (chunks)": lambda: BackedDataLoader(
+                        bmanager, indices=idx, batch_size=128, shuffle=True
+                    ),
+                }
+                times = interleaved_best(cases, 1)
+                backed.file.close()
+            reference = times["scvi AnnDataLoader, backed"]
+            for name, seconds in times.items():
+                print(f"{n:>8} {name:<28} {seconds:>9.3f} {1 / seconds:>9.2f} {reference / seconds:>7.2f}x")
         if args.train:
             accelerator = "gpu" if cuda else "cpu"
             times = {path: train_epoch_seconds(adata, path, accelerator) for path in ("scvi", "device")}

@@ -94,16 +94,43 @@ def train_toy(batch_size: int, max_epochs: int = 2, **train_kwargs) -> dict[str,
     return {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()}
 
 
+def train_semi_supervised(**train_kwargs):
+    """SCANVI (scvi's semi-supervised model, as FADVI) on cellvi's semi-supervised data path."""
+    import numpy as np
+    import scvi
+    from scvi.model import SCANVI
+
+    from cellvi.dataloaders import SemiSupervisedDataPathMixin
+
+    class FastSCANVI(SemiSupervisedDataPathMixin, SCANVI):
+        pass
+
+    scvi.settings.seed = 0
+    adata = toy_adata()
+    labels = adata.obs["cell_type"].astype(str).to_numpy().copy()
+    labels[np.random.default_rng(0).random(adata.n_obs) < 0.5] = "unknown"
+    adata.obs["label"] = labels
+    FastSCANVI.setup_anndata(adata, labels_key="label", unlabeled_category="unknown")
+    model = FastSCANVI(adata, n_latent=3, n_hidden=16)
+    model.train(max_epochs=2, batch_size=32, n_samples_per_label=20, enable_progress_bar=False, **train_kwargs)
+    return model
+
+
 if __name__ == "__main__":
     import scvi
 
     torch.set_num_threads(1)
     scvi.settings.logging_dir = os.path.dirname(sys.argv[1])
-    params = train_toy(
-        batch_size=int(sys.argv[2]),
-        accelerator="cpu",
-        devices=int(os.environ["WORLD_SIZE"]),
-        strategy="ddp",
-        datasplitter_kwargs={"data_path": "device"},
-    )
-    torch.save(params, sys.argv[1])
+    ddp = {"accelerator": "cpu", "devices": int(os.environ["WORLD_SIZE"]), "strategy": "ddp"}
+    params = train_toy(batch_size=int(sys.argv[2]), datasplitter_kwargs={"data_path": "device"}, **ddp)
+    # scvi's semi-supervised modules have parameters a step may not use (as scvi's docs advise)
+    semi = train_semi_supervised(**{**ddp, "strategy": "ddp_find_unused_parameters_true"})
+    loader = semi.trainer.train_dataloader
+    out = {
+        "toy": params,
+        # parameters (BatchNorm running statistics are per-rank buffers, not synchronised by DDP)
+        "semi": {k: v.detach().cpu().clone() for k, v in semi.module.named_parameters()},
+        "semi_loader": type(loader).__name__,
+        "semi_steps": len(loader),
+    }
+    torch.save(out, sys.argv[1])

@@ -23,6 +23,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow
 def test_two_ranks_train_the_same_parameters_as_one_process(tmp_path):
     """torchrun-style launch: 2 ranks x minibatch 32 == 1 process x minibatch 64 (same seed)."""
     env = {
@@ -58,7 +59,8 @@ def test_two_ranks_train_the_same_parameters_as_one_process(tmp_path):
         assert p.returncode == 0, f"rank {rank} failed:\n{log[-3000:]}"
 
     single = train_toy(batch_size=2 * PER_RANK_BATCH, datasplitter_kwargs={"seed": 0, "data_path": "device"})
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [r["toy"] for r in results]
     for name, value in single.items():
         # DDP keeps the ranks in lockstep ...
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)
@@ -67,3 +69,13 @@ def test_two_ranks_train_the_same_parameters_as_one_process(tmp_path):
     # training moved the parameters (the comparison is not between two untrained models)
     untrained = train_toy(batch_size=64, max_epochs=0)
     assert max((single[k] - untrained[k]).abs().max() for k in single) > 1e-3
+
+    # semi-supervised (SCANVI, as FADVI): each rank gets its share of the (full, labelled) pairs,
+    # an epoch covers all its 135 of the 270 training cells (5 minibatches of 32, the labelled
+    # loader restarting), and the ranks stay in lockstep
+    assert [r["semi_loader"] for r in results] == ["SemiSupervisedDeviceDataLoader"] * 2
+    assert results[0]["semi_steps"] == results[1]["semi_steps"] == 5
+    assert len(results[0]["semi"]) > 10
+    for name, value in results[0]["semi"].items():
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(results[1]["semi"][name], value, rtol=0, atol=0)

@@ -103,6 +103,33 @@ def test_shared_store_serves_loaders_and_neighbour_gathers(manager, backend):
         store.rows("nope", neighbours)
 
 
+class NeighbourLoader(DeviceDataLoader):
+    def augment(self, batch, rows):
+        batch["nn_x"] = self.store.rows("X", batch["nn_idx"].long()).to(self.device)
+        return batch
+
+
+def test_augment_gathers_neighbours_from_the_full_store_on_every_rank(toy):
+    """A spatial model's neighbour gather: each rank holds all cells, so any neighbour is there."""
+    from scvi.data import AnnDataManager
+    from scvi.data.fields import LayerField, ObsmField
+
+    adata = toy.copy()
+    rng = np.random.default_rng(5)
+    adata.obsm["nn_idx"] = rng.integers(0, adata.n_obs, (adata.n_obs, 6))
+    manager = AnnDataManager(fields=[LayerField("X", None), ObsmField("nn_idx", "nn_idx")])
+    manager.register_fields(adata)
+    X = adata.X.toarray()
+    for rank in range(2):
+        loader = NeighbourLoader(
+            manager, batch_size=40, shuffle=True, distributed_sampler=True, num_replicas=2, rank=rank
+        )
+        for batch in loader:
+            nn = batch["nn_idx"].long().numpy()
+            assert batch["nn_x"].shape == (nn.shape[0], 6, X.shape[1])
+            np.testing.assert_array_equal(batch["nn_x"].numpy(), X[nn])
+
+
 def test_compact_rows_rebuilt_on_arrival(toy):
     """The streaming path sends compact CSR rows and rebuilds them where they arrive."""
     from cellvi.dataloaders._store import PackedBatch

@@ -154,6 +154,25 @@ def test_semi_supervised_split_and_pairs(labelled):
     assert not np.array_equal(np.sort(loader.labelled.indices), np.sort(labelled_idx))
 
 
+def test_semi_supervised_distributed_epoch_covers_the_rank_share(labelled):
+    """Each rank's epoch follows its share of the full loader (scvi's stops at the labelled one)."""
+    adata = labelled.copy()
+    SCANVI.setup_anndata(adata, labels_key="label", unlabeled_category="unknown")
+    manager = SCANVI(adata).adata_manager
+    seen = []
+    for rank in range(2):
+        loader = SemiSupervisedDeviceDataLoader(
+            manager, n_samples_per_label=5, shuffle=True, batch_size=20,
+            distributed_sampler=True, num_replicas=2, rank=rank,
+        )
+        steps = list(loader)
+        assert len(steps) == len(loader) == 8  # 151 cells per rank / 20, the labelled loader restarting
+        assert all(lab["X"].shape[0] <= 20 for _, lab in steps)
+        seen.append(torch.cat([full["X"] for full, _ in steps]))
+    X = adata.X.toarray()
+    np.testing.assert_array_equal(np.sort(torch.cat(seen).numpy().sum(1)), np.sort(X.sum(1)))
+
+
 def test_semi_supervised_training_identical_to_scvi_loader(labelled):
     adata = labelled.copy()
     adata.obs["label"] = adata.obs["cell_type"].astype(str)  # all labelled: no replay in scvi

@@ -249,9 +249,25 @@ class DeviceDataLoader:
             batch = self.store.gather(batch_rows, self.device, nnz=batch_nnz, keys=keys)
             for key, dtype in self._casts.items():
                 batch[key] = batch[key].to(dtype)
+            batch = self.augment(batch, batch_rows)
             if self.iter_ndarray:
                 batch = {key: value.cpu().numpy() for key, value in batch.items()}
             yield batch
+
+
+    def augment(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Add fields to a minibatch; override in a subclass (the default returns ``batch``).
+
+        ``rows`` are the minibatch's positions in the AnnData object (on the store's device).
+        Every process holds the whole store, also in distributed training, so a subclass can
+        gather any rows, e.g. the expression of each cell's spatial neighbours::
+
+            class NeighbourLoader(DeviceDataLoader):
+                def augment(self, batch, rows):
+                    batch["nn_x"] = self.store.rows("X", batch["nn_idx"].long()).to(self.device)
+                    return batch
+        """
+        return batch
 
 
 def _draw_base_seed() -> None:

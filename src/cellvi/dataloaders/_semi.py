@@ -74,8 +74,9 @@ class SemiSupervisedDeviceDataLoader:
     drop_last
         Drop the last incomplete minibatch of each loader.
     distributed_sampler
-        Give each process its share of both loaders (see :class:`DeviceDataLoader`); the epoch
-        then stops with the shorter loader, as scvi.
+        Give each process its share of both loaders (see :class:`DeviceDataLoader`). As in one
+        process, the epoch follows the longer loader (scvi's distributed loader stops at the
+        shorter one, so with few labelled cells an epoch skips most of the data).
     **kwargs
         Passed to :class:`DeviceDataLoader` (``store``, ``device``, ``stream``, ``seed`` ...).
     """
@@ -163,8 +164,7 @@ class SemiSupervisedDeviceDataLoader:
                 loader.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        lengths = [len(self.full), len(self.labelled)]
-        return min(lengths) if self._distributed else max(lengths)
+        return max(len(self.full), len(self.labelled))
 
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
         return self._steps()
@@ -174,9 +174,6 @@ class SemiSupervisedDeviceDataLoader:
         if len(self.labelled.indices) == 0:
             raise ValueError("No labelled observations among the indices of the semi-supervised loader.")
         loaders = [self.full, self.labelled]
-        if self._distributed:
-            yield from zip(*loaders, strict=False)
-            return
         largest = int(np.argmax([len(dl) for dl in loaders]))
         # the random draws of scvi's ConcatDataLoader: one per loader as its iteration starts
         # (the restarting ones first, then the largest), then each loader's shuffle on first use

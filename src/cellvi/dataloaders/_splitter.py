@@ -41,7 +41,10 @@ def free_device_memory(device: torch.device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     if device.type == "mps":
-        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+        try:
+            return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+        except (AttributeError, RuntimeError):  # older torch
+            return None
     return None
 
 
@@ -134,7 +137,8 @@ class _DevicePathMixin:
         device = self._training_device()
         data_and_attributes = self.data_loader_kwargs.get("data_and_attributes")
         path = resolve_data_path(self.data_path, self.adata_manager, device, data_and_attributes)
-        if path == "backed" and not self._supports_backed:
+        if path == "backed" and not (self._supports_backed and self.device_loader_cls is DeviceDataLoader):
+            # (a custom loader adds fields the chunked reader does not know about)
             path = "scvi"
         self.resolved_data_path, self.device = path, device
         if path in ("scvi", "backed"):
@@ -249,8 +253,12 @@ class DataSplitter(_DevicePathMixin, _ScviDataSplitter):
         super().setup(stage)
         self._prepare_data_path()
 
+    #: loader class of the in-memory paths; a model that adds fields to each minibatch (see
+    #: :meth:`DeviceDataLoader.augment`) subclasses the splitter and sets its own
+    device_loader_cls = DeviceDataLoader
+
     def _loader(self, indices, shuffle: bool, drop_last: bool):
-        cls = BackedDataLoader if self.resolved_data_path == "backed" else DeviceDataLoader
+        cls = BackedDataLoader if self.resolved_data_path == "backed" else self.device_loader_cls
         return cls(
             self.adata_manager,
             indices=indices,
