@@ -56,6 +56,9 @@ def worker(impl: str, data: str, out: str, epochs: int, n_neighbors: int, n_perm
     scvi.settings.seed = 0
     scvi.settings.dl_num_workers = 0
     if impl == "original":
+        # this script's folder holds benchmarks/amici.py, which would shadow the original package
+        sys.path[:] = [q for q in sys.path if Path(q or ".").resolve() != HERE]
+        sys.modules.pop("amici", None)
         from amici import AMICI
         from amici.interpretation import (
             AMICIAblationModule,

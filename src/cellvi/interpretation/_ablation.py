@@ -119,6 +119,7 @@ class AMICIAblationModule:
             groups = [data.categories[c] for c in codes]
             group_codes = torch.as_tensor(codes, device=dev)
         n_groups = len(groups)
+        readout = _head_readout(data)
         frames = []
         with eval_mode(data.module):
             for r in receivers:
@@ -126,21 +127,16 @@ class AMICIAblationModule:
                 if len(rec) == 0:
                     continue
                 acc = _Accumulator(n_groups, data.store.n_genes, dev, compute_z_value)
-                per_pass = max(1, bs)
                 desc = f"ablation: receivers {data.categories[r]}"
-                for batch in data.batches(rec, per_pass, prog_bar, desc):
+                for batch in data.batches(data.spatial_order(rec), bs, prog_bar, desc):
                     nn_idx = batch[data.keys.NN_IDX]  # (B, K)
                     if ablated_neighbor_indices is not None:
                         ablated = member[nn_idx][None]  # (1, B, K)
                     else:
                         nn_lab = data.store.labels[nn_idx]
                         ablated = nn_lab[None] == group_codes[:, None, None]  # (S, B, K)
-                    keep = torch.cat([torch.zeros_like(ablated[:1]), ablated]).logical_not()
-                    b = nn_idx.shape[0]
-                    scale = keep.reshape((n_groups + 1) * b, 1, -1).float()
-                    _, gen = data.forward(batch, repeats=n_groups + 1, attention_scale=scale)
-                    pred = _head_prediction(gen, data.keys, heads).reshape(n_groups + 1, b, -1)
-                    acc.update(pred, batch[data.keys.X].to(pred.dtype))
+                    full, delta = _ablated_predictions(data, batch, ablated, heads, readout)
+                    acc.update(full, delta, batch[data.keys.X].to(full.dtype))
                 frames.append(acc.frame(groups, data, r, head_idx))
         df = pd.concat(frames, ignore_index=True) if frames else _empty_frame(groups, compute_z_value)
         kwargs = {
@@ -481,6 +477,41 @@ def _positions(values, obs_names: pd.Index) -> np.ndarray:
     return pos
 
 
+def _head_readout(data: ModelData) -> torch.Tensor | None:
+    """The per-head read-out ``W_h`` (H, D, G) when the module exposes it (``head_out``), else None."""
+    w = getattr(data.module, "head_out", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 3 and w.shape[0] == data.n_heads and w.shape[2] == data.store.n_genes:
+        return w
+    return None
+
+
+def _ablated_predictions(data: ModelData, batch: dict, ablated: torch.Tensor, heads, readout):
+    """The full prediction (B, G) and, per group, ``full - ablated`` (S, B, G), where the ablated prediction has
+    the post-softmax attention to the group's neighbours zeroed.
+
+    ``ablated`` (S, B, K) marks the neighbours of each group. The prediction is linear in the post-softmax
+    weights, so with the read-out ``W_h`` at hand one forward pass suffices: the ablated prediction is the
+    full one minus ``sum_h W_h sum_{j in group} a_hj v_hj``. Otherwise the minibatch is replicated S+1 times
+    with the module's ``attention_scale`` hook (per-neighbour features still computed once).
+    """
+    keys = data.keys
+    n_groups, b = ablated.shape[0], ablated.shape[1]
+    if readout is None:
+        keep = torch.cat([torch.zeros_like(ablated[:1]), ablated]).logical_not()
+        scale = keep.reshape((n_groups + 1) * b, 1, -1).float()
+        _, gen = data.forward(batch, repeats=n_groups + 1, attention_scale=scale)
+        pred = _head_prediction(gen, keys, heads).reshape(n_groups + 1, b, -1)
+        return pred[0], pred[0][None] - pred[1:]
+    inf, gen = data.forward(batch)
+    full = _head_prediction(gen, keys, heads)  # (B, G)
+    hs = list(range(data.n_heads)) if heads is None else heads
+    a = gen[keys.ATTENTION][:, hs, :-1]  # (B, h, K)
+    v = inf[keys.VALUES][batch[keys.NN_INVERSE]][:, :, hs]  # (B, K, h, D)
+    weights = a[:, :, :, None] * ablated.permute(1, 2, 0)[:, None].to(a.dtype)  # (B, h, K, S)
+    z = torch.einsum("bhks,bkhd->sbhd", weights, v)
+    return full, torch.einsum("sbhd,hdg->sbg", z, readout[hs].to(z.dtype))
+
+
 def _head_prediction(gen: dict, keys, heads) -> torch.Tensor:
     """Prediction keeping only ``heads`` (all when None): drop the other heads' residuals."""
     pred = gen[keys.PREDICTION]
@@ -507,12 +538,13 @@ class _Accumulator:
         self.n = 0
         self.corr = StreamingCorrelation() if with_z else None
 
-    def update(self, pred: torch.Tensor, x: torch.Tensor) -> None:
-        r0 = pred[0] - x
-        rs = pred[1:] - x
-        delta = pred[0][None] - pred[1:]  # (S, B, G): full - ablated
-        self.abl += (rs.double().square() - r0.double().square()[None]).sum(1)
-        self.diff += delta.double().sum(1)
+    def update(self, full: torch.Tensor, delta: torch.Tensor, x: torch.Tensor) -> None:
+        """``full`` (B, G) prediction, ``delta`` (S, B, G) = full - ablated, ``x`` (B, G) observed."""
+        r0 = (full - x).double()
+        d = delta.double()
+        # R_s^2 - R0^2 with R_s = R0 - delta, without cancellation
+        self.abl += (d * (d - 2 * r0[None])).sum(1)
+        self.diff += d.sum(1)
         xd = x.double()
         self.sx += xd.sum(0)
         self.sxx += xd.square().sum(0)

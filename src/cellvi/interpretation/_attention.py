@@ -15,6 +15,12 @@ from ._stats import kmeans_silhouette
 FLAVORS = ("vanilla", "value-weighted", "info-weighted", "gene-weighted")
 
 
+def _inverse_order(idx: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """A position in ``order`` of each element of ``idx`` (``order`` is a permutation of ``idx``)."""
+    sorter = np.argsort(order, kind="stable")
+    return sorter[np.searchsorted(order, idx, sorter=sorter)]
+
+
 class AMICIAttentionModule:
     """Attention patterns of a trained AMICI model (build it with :meth:`compute`).
 
@@ -98,12 +104,13 @@ class AMICIAttentionModule:
             raise ValueError(f"flavor must be one of {list(FLAVORS)}, got {flavor!r}.")
         data = ModelData(model, adata)
         idx = data.indices(indices)
+        order = data.spatial_order(idx)  # adjacent receivers share neighbours: fewer embeddings per batch
         keys = data.keys
         module = data.module
         parts = []
         with eval_mode(module):
             scale = data.gene_std().float().clamp(min=1e-6) if flavor == "info-weighted" else None
-            for batch in data.batches(idx, data.batch_size(batch_size), prog_bar, f"attention ({flavor})"):
+            for batch in data.batches(order, data.batch_size(batch_size), prog_bar, f"attention ({flavor})"):
                 inf, gen = data.forward(batch)
                 a = gen[keys.ATTENTION][..., :-1]  # (B, H, K)
                 inv = batch[keys.NN_INVERSE]
@@ -118,6 +125,8 @@ class AMICIAttentionModule:
                     a = a * w[inv].transpose(1, 2)
                 parts.append(a.float().cpu())
         att = torch.cat(parts).numpy() if parts else np.zeros((0, data.n_heads, data.n_neighbors), np.float32)
+        if len(idx):  # back to the order of ``indices`` (repeated indices have identical rows)
+            att = att[_inverse_order(idx, order)]
         obj = cls(data.adata, _compute_kwargs={"indices": indices, "batch_size": batch_size, "flavor": flavor},
                   _flavor=flavor)
         obj._set_arrays(att, data.labels[idx], data.labels[data.nn_idx[idx]], data.nn_dist[idx], data.categories,

@@ -93,7 +93,7 @@ class AMICIExplainedVarianceModule:
         se, see = z64(C, H, G), z64(C, H, G)
         counts = z64(C)
         proj_r, proj_x, lab_parts = [], [], []
-        idx_all = np.arange(len(data.obs_names))
+        idx_all = data.spatial_order(np.arange(len(data.obs_names)))
         with eval_mode(data.module):
             for batch in data.batches(idx_all, data.batch_size(batch_size), prog_bar, "explained variance"):
                 _, gen = data.forward(batch)
