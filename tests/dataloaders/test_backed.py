@@ -9,11 +9,15 @@ from scvi.dataloaders import AnnDataLoader
 from scvi.model import SCVI
 
 from cellvi.data import simulate_ambient
-from cellvi.dataloaders import BackedDataLoader, DataPathMixin, DataSplitter
+from cellvi.dataloaders import BackedDataLoader, DataPathMixin, DataSplitter, make_data_loader
 
 
 class FastSCVI(DataPathMixin, SCVI):
     pass
+
+
+class FastInferenceSCVI(DataPathMixin, SCVI):
+    _data_loader_cls = staticmethod(make_data_loader)
 
 
 class CountingLoader(BackedDataLoader):
@@ -137,3 +141,30 @@ def test_backed_errors(pair):
         BackedDataLoader(backed, chunk_size=0)
     with pytest.raises(TypeError, match="unexpected keyword"):
         BackedDataLoader(backed, chunksize=10)
+
+
+def test_get_methods_on_the_fast_path_keep_the_order_of_indices(memory, tmp_path):
+    """Latent means from in-memory and backed data, any index order, equal scvi's in-memory ones."""
+    adata = memory.copy()
+    scvi.settings.seed = 0
+    FastInferenceSCVI.setup_anndata(adata, batch_key="batch")
+    model = FastInferenceSCVI(adata, n_latent=3, n_hidden=16)
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    path = tmp_path / "infer.h5ad"
+    adata.write_h5ad(path)
+    backed = anndata.read_h5ad(path, backed="r")
+    order = np.random.default_rng(3).permutation(adata.n_obs)[:200]
+
+    reference = model.get_latent_representation(dataloader=AnnDataLoader(model.adata_manager, batch_size=64))
+    loader = model._make_data_loader(adata=adata, indices=order, batch_size=64)
+    assert type(loader).__name__ == "DeviceDataLoader"
+    np.testing.assert_allclose(model.get_latent_representation(indices=order, batch_size=64), reference[order], rtol=1e-5)
+    loader = model._make_data_loader(adata=backed, indices=order, batch_size=64)
+    assert type(loader).__name__ == "BackedDataLoader"
+    np.testing.assert_allclose(
+        model.get_latent_representation(backed, indices=order, batch_size=64), reference[order], rtol=1e-5
+    )
+    # scvi's loader sorts each backed minibatch, so its rows no longer match ``indices``
+    scvi_backed = AnnDataLoader(model.get_anndata_manager(backed), indices=order, batch_size=64)
+    assert not np.allclose(model.get_latent_representation(dataloader=scvi_backed), reference[order])
+    backed.file.close()

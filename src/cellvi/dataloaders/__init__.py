@@ -15,6 +15,8 @@ compact (still sparse) minibatch is copied through pinned memory (``data_path="s
 - :class:`BackedDataLoader` -- larger-than-memory data: a backed (on-disk) AnnData read in
   contiguous chunks and block-shuffled (``data_path="backed"``); memory is bounded by one buffer
   of ``chunk_size * buffer_chunks`` rows.
+- :func:`make_data_loader` -- the same choice for a model's ``get_*`` methods
+  (``_data_loader_cls = staticmethod(make_data_loader)``).
 - :func:`resolve_data_path` -- the rule of ``data_path="auto"``.
 
 Multi-process training (DDP)
@@ -46,6 +48,7 @@ from ._splitter import (
     DEVICE_MEMORY_FRACTION,
     DataSplitter,
     SemiSupervisedDataSplitter,
+    make_data_loader,
     resolve_data_path,
 )
 from ._store import TensorStore, estimate_nbytes, registered_in_memory
@@ -65,6 +68,7 @@ __all__ = [
     "TensorStore",
     "backed_supported",
     "estimate_nbytes",
+    "make_data_loader",
     "registered_in_memory",
     "resolve_data_path",
     "with_data_path",

@@ -417,3 +417,34 @@ class SemiSupervisedDataSplitter(_DevicePathMixin, _ScviSemiSupervisedDataSplitt
         if len(self.test_idx) > 0:
             return self._loader(self.test_idx, shuffle=False, drop_last=False)
         return None
+
+
+def make_data_loader(
+    adata_manager,
+    indices=None,
+    batch_size: int = 128,
+    shuffle: bool = False,
+    data_path: str = "auto",
+    device: torch.device | str | None = None,
+    **kwargs,
+):
+    """A loader for a model's ``get_*`` methods on the fast data path.
+
+    Called like scvi's ``AnnDataLoader`` (a model sets ``_data_loader_cls =
+    staticmethod(make_data_loader)`` and scvi's ``_make_data_loader`` uses it). It returns a
+    :class:`DeviceDataLoader` for in-memory data, a :class:`BackedDataLoader` for a backed
+    AnnData (minibatches keep the order of ``indices``; scvi's loader sorts each backed
+    minibatch) and scvi's ``AnnDataLoader`` otherwise, by the rule of :func:`resolve_data_path`.
+    Minibatches are returned on ``device`` (default: the CPU; the model moves them, as with
+    scvi's loader).
+    """
+    from scvi.dataloaders import AnnDataLoader
+
+    target = torch.device("cpu") if device is None else torch.device(device)
+    path = resolve_data_path(data_path, adata_manager, target, kwargs.get("data_and_attributes"))
+    common = dict(indices=indices, batch_size=batch_size, shuffle=shuffle, **kwargs)
+    if path in ("device", "stream"):
+        return DeviceDataLoader(adata_manager, device=target, stream=path == "stream", **common)
+    if path == "backed":
+        return BackedDataLoader(adata_manager, device=target, **common)
+    return AnnDataLoader(adata_manager, **common)
