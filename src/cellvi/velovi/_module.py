@@ -15,7 +15,7 @@ from scvi.module._constants import MODULE_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from scvi.nn import Encoder, FCLayers
 from torch import nn
-from torch.distributions import Dirichlet, Normal
+from torch.distributions import Normal
 
 from ._constants import VELOVI_REGISTRY_KEYS
 from ._kinetics import induction, repression, transcription_rate
@@ -24,37 +24,48 @@ _LOG_2PI = math.log(2 * math.pi)
 _TINY = float(torch.finfo(torch.float32).eps)
 
 
-def gamma_rsample(concentration: torch.Tensor) -> torch.Tensor:
-    """Exact Gamma(concentration, 1) samples, reparameterised by shape augmentation.
+def log_gamma_rsample(concentration: torch.Tensor) -> torch.Tensor:
+    """Logarithm of exact Gamma(concentration, 1) samples, reparameterised by shape augmentation.
 
-    Marsaglia-Tsang for shape ``a + 1`` (acceptance > 95%, the accepted normal draw is the noise), times
+    Marsaglia-Tsang for shape ``a + 1`` (acceptance > 95%; the accepted normal draw is the noise), times
     ``U ** (1 / a)``; gradients flow through both (Naesseth et al., AISTATS 2017, with the small rejection
-    correction dropped). Much cheaper than ``torch.distributions.Dirichlet.rsample``'s implicit gradient.
+    correction dropped). Much cheaper than ``torch.distributions.Dirichlet.rsample``'s implicit gradient, and
+    in log space, so small concentrations do not underflow to probabilities of exactly 0.
     """
-    a = concentration + 1.0
-    d = a - 1.0 / 3.0
+    d = concentration + (1.0 - 1.0 / 3.0)  # shape a + 1, minus 1/3
     c = torch.rsqrt(9.0 * d)
     with torch.no_grad():
-        d0, c0 = d.detach(), c.detach()
+        d0, c0 = d.detach().reshape(-1), c.detach().reshape(-1)
         eps = torch.randn_like(d0)
-        todo = torch.ones_like(d0, dtype=torch.bool)
-        for _ in range(100):
-            v = (1 + c0 * eps) ** 3
-            log_u = torch.log(torch.rand_like(d0))
-            ok = (v > 0) & (log_u < 0.5 * eps**2 + d0 - d0 * v + d0 * torch.log(v.clamp_min(_TINY)))
-            todo = todo & ~ok
-            if not todo.any():
+        todo = torch.arange(d0.numel(), device=d0.device)
+        for _ in range(100):  # redraw only the rejected entries (a few percent per round)
+            dd, cc, e = d0[todo], c0[todo], eps[todo]
+            v = (1 + cc * e) ** 3
+            log_u = torch.log(torch.rand_like(dd))
+            ok = (v > 0) & (log_u < 0.5 * e * e + dd - dd * v + dd * torch.log(v.clamp_min(_TINY)))
+            todo = todo[~ok]
+            if todo.numel() == 0:
                 break
-            eps = torch.where(todo, torch.randn_like(d0), eps)
-        boost = torch.rand_like(d0).clamp_min(_TINY)
-    x = d * (1 + c * eps) ** 3
-    return x * boost ** (1.0 / concentration)
+            eps[todo] = torch.randn(todo.numel(), device=d0.device, dtype=d0.dtype)
+        eps = eps.view_as(d)
+        log_boost = torch.log(torch.rand_like(eps).clamp_min(_TINY))
+    return torch.log(d) + 3 * torch.log1p(c * eps) + log_boost / concentration
+
+
+def gamma_rsample(concentration: torch.Tensor) -> torch.Tensor:
+    """Exact Gamma(concentration, 1) samples, reparameterised (see :func:`log_gamma_rsample`)."""
+    return torch.exp(log_gamma_rsample(concentration))
+
+
+def dirichlet_log_rsample(concentration: torch.Tensor) -> torch.Tensor:
+    """Log of a reparameterised Dirichlet sample along the last dimension (normalised Gamma draws)."""
+    log_x = log_gamma_rsample(concentration)
+    return log_x - torch.logsumexp(log_x, dim=-1, keepdim=True)
 
 
 def dirichlet_rsample(concentration: torch.Tensor) -> torch.Tensor:
-    """Reparameterised Dirichlet sample along the last dimension (normalised Gamma draws)."""
-    x = gamma_rsample(concentration).clamp_min(_TINY)
-    return x / x.sum(-1, keepdim=True)
+    """Reparameterised Dirichlet sample along the last dimension."""
+    return torch.exp(dirichlet_log_rsample(concentration))
 
 
 class _KLDirichlet(torch.autograd.Function):
@@ -90,6 +101,15 @@ class _KLDirichlet(torch.autograd.Function):
 def kl_dirichlet(concentration: torch.Tensor, prior: float) -> torch.Tensor:
     """``KL(Dir(concentration) || Dir(prior * 1))`` along the last dimension."""
     return _KLDirichlet.apply(concentration, float(prior))
+
+
+def _dirichlet_log_density(log_p: torch.Tensor, concentration: torch.Tensor) -> torch.Tensor:
+    """Dirichlet log-density at ``exp(log_p)`` from the log-probabilities (no underflow at small ``p``)."""
+    return (
+        ((concentration - 1) * log_p).sum(-1)
+        + torch.lgamma(concentration.sum(-1))
+        - torch.lgamma(concentration).sum(-1)
+    )
 
 
 def _flat_apply(fn, x: torch.Tensor) -> torch.Tensor:
@@ -420,12 +440,14 @@ class VELOVAE(BaseModuleClass):
     def generative(self, z, latent_dim: int | None = None):
         """Decode ``z`` into state probabilities (rsampled from their Dirichlet) and the state kinetics."""
         px_pi_alpha, px_rho, px_tau = self.decoder(z, latent_dim=latent_dim)
-        px_pi = dirichlet_rsample(px_pi_alpha)
+        log_pi = dirichlet_log_rsample(px_pi_alpha)
+        px_pi = torch.exp(log_pi)
         k = self.kinetics(px_rho, px_tau)
         u_sw, s_sw = k["u_switch"], k["s_switch"]
         end_penalty = ((u_sw - self.switch_unspliced) ** 2).sum() + ((s_sw - self.switch_spliced) ** 2).sum()
         return {
             "px_pi": px_pi,
+            "log_px_pi": log_pi,
             "px_pi_alpha": px_pi_alpha,
             "px_rho": px_rho,
             "px_tau": px_tau,
@@ -446,7 +468,7 @@ class VELOVAE(BaseModuleClass):
         shape = (2,) + (1,) * (means.dim() - 3) + sd.shape[1:]
         scaled_inv = (math.sqrt(0.5) / sd).view(shape)
         log_norm = (-torch.log(sd) - 0.5 * _LOG_2PI).view(shape)
-        log_pi = torch.log(generative_outputs["px_pi"].clamp_min(_TINY))
+        log_pi = generative_outputs["log_px_pi"]
         x = torch.stack([unspliced, spliced])  # (2, B, G): broadcast over the sample dims of the means
         x = x.view(2, *(1,) * (means.dim() - x.dim() - 1), *x.shape[1:], 1)
         zsc = (x - means) * scaled_inv
@@ -538,13 +560,11 @@ class VELOVAE(BaseModuleClass):
             if n == 1:
                 z = z.unsqueeze(0)
             gen = self.generative(z)
-            pi = gen["px_pi"].clamp_min(_TINY)
-            pi = pi / pi.sum(-1, keepdim=True)
-            gen["px_pi"] = pi
+            log_pi = gen["log_px_pi"]
             log_pu, log_ps = self.log_likelihood(spliced, unspliced, gen)
             conc = gen["px_pi_alpha"]
-            prior_pi = Dirichlet(torch.full_like(conc, self.dirichlet_concentration), validate_args=False).log_prob(pi)
-            q_pi = Dirichlet(conc, validate_args=False).log_prob(pi)
+            prior_pi = _dirichlet_log_density(log_pi, torch.full_like(conc, self.dirichlet_concentration))
+            q_pi = _dirichlet_log_density(log_pi, conc)
             log_pz = Normal(0.0, 1.0).log_prob(z).sum(-1)
             log_qz = inf[MODULE_KEYS.QZ_KEY].log_prob(z).sum(-1)
             log_w.append(log_pu.sum(-1) + log_ps.sum(-1) + (prior_pi - q_pi).sum(-1) + log_pz - log_qz)
