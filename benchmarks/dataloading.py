@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from functools import partial
 
 import anndata
 import numpy as np
@@ -62,6 +63,11 @@ def epoch_seconds(make_loader) -> float:
     return time.perf_counter() - start
 
 
+def _to_cuda(make_loader):
+    for batch in make_loader():
+        yield {k: v.to("cuda") for k, v in batch.items()}
+
+
 def interleaved_best(cases: dict, repeats: int) -> dict[str, float]:
     """Best time of each case over ``repeats`` rounds, the cases alternating within each round
     (so that a load change on a shared machine hits all of them alike)."""
@@ -93,14 +99,18 @@ def train_epoch_seconds(adata, data_path: str, accelerator: str) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000])
     parser.add_argument("--genes", type=int, default=2_000)
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train", action="store_true", help="also time one SCVI training epoch per path")
     parser.add_argument(
-        "--backed", action="store_true", help="also time a backed (on-disk h5ad) AnnData: scvi's loader vs chunks"
+        "--backed",
+        action="store_true",
+        help="also time a backed (on-disk h5ad) AnnData: scvi's loader vs chunks",
     )
     args = parser.parse_args(argv)
 
@@ -117,25 +127,18 @@ def main(argv=None):
         FastSCVI.setup_anndata(adata, batch_key="batch")
         manager = FastSCVI(adata).adata_manager
         idx = np.random.default_rng(0).permutation(n)[: int(0.9 * n)]
+        kw = {"indices": idx, "batch_size": 128, "shuffle": True}
         cases = {
-            "scvi AnnDataLoader": lambda: AnnDataLoader(manager, indices=idx, batch_size=128, shuffle=True),
-            "cellvi device (cpu)": lambda: DeviceDataLoader(manager, indices=idx, batch_size=128, shuffle=True),
+            "scvi AnnDataLoader": partial(AnnDataLoader, manager, **kw),
+            "cellvi device (cpu)": partial(DeviceDataLoader, manager, **kw),
         }
         if cuda:
-            cases["cellvi device (cuda)"] = lambda: DeviceDataLoader(
-                manager, indices=idx, batch_size=128, shuffle=True, device="cuda"
+            cases["cellvi device (cuda)"] = partial(DeviceDataLoader, manager, device="cuda", **kw)
+            cases["cellvi stream (cpu -> cuda)"] = partial(
+                DeviceDataLoader, manager, device="cuda", stream=True, **kw
             )
-            cases["cellvi stream (cpu -> cuda)"] = lambda: DeviceDataLoader(
-                manager, indices=idx, batch_size=128, shuffle=True, device="cuda", stream=True
-            )
-        if cuda:
-
-            def scvi_to_cuda(dl=AnnDataLoader(manager, indices=idx, batch_size=128, shuffle=True)):
-                # scvi's loader plus the copy to the GPU that a training step makes
-                for batch in dl:
-                    yield {k: v.to("cuda") for k, v in batch.items()}
-
-            cases["scvi AnnDataLoader -> cuda"] = scvi_to_cuda
+            # scvi's loader plus the copy to the GPU that a training step makes
+            cases["scvi AnnDataLoader -> cuda"] = partial(_to_cuda, partial(AnnDataLoader, manager, **kw))
         times = interleaved_best(cases, args.repeats)
         reference = times["scvi AnnDataLoader"]
         for name, seconds in times.items():
@@ -148,12 +151,8 @@ def main(argv=None):
                 FastSCVI.setup_anndata(backed, batch_key="batch")
                 bmanager = FastSCVI(backed).adata_manager
                 cases = {
-                    "scvi AnnDataLoader, backed": lambda: AnnDataLoader(
-                        bmanager, indices=idx, batch_size=128, shuffle=True
-                    ),
-                    "cellvi backed (chunks)": lambda: BackedDataLoader(
-                        bmanager, indices=idx, batch_size=128, shuffle=True
-                    ),
+                    "scvi AnnDataLoader, backed": partial(AnnDataLoader, bmanager, **kw),
+                    "cellvi backed (chunks)": partial(BackedDataLoader, bmanager, **kw),
                 }
                 times = interleaved_best(cases, 1)
                 backed.file.close()

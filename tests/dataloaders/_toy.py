@@ -112,7 +112,9 @@ def train_semi_supervised(**train_kwargs):
     adata.obs["label"] = labels
     FastSCANVI.setup_anndata(adata, labels_key="label", unlabeled_category="unknown")
     model = FastSCANVI(adata, n_latent=3, n_hidden=16)
-    model.train(max_epochs=2, batch_size=32, n_samples_per_label=20, enable_progress_bar=False, **train_kwargs)
+    model.train(
+        max_epochs=2, batch_size=32, n_samples_per_label=20, enable_progress_bar=False, **train_kwargs
+    )
     return model
 
 

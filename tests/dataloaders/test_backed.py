@@ -63,7 +63,10 @@ def test_sequential_batches_equal_scvi_and_keep_the_order_of_indices(pair):
     rng = np.random.default_rng(0)
     indices = np.sort(rng.choice(500, 333, replace=False))
     reference = list(AnnDataLoader(in_memory, indices=indices, batch_size=64))
-    _same(reference, list(BackedDataLoader(backed, indices=indices, batch_size=64, chunk_size=70, buffer_chunks=2)))
+    _same(
+        reference,
+        list(BackedDataLoader(backed, indices=indices, batch_size=64, chunk_size=70, buffer_chunks=2)),
+    )
     # unsorted indices: minibatches follow their order (scvi's loader sorts each backed minibatch)
     unsorted = rng.permutation(indices)
     reference = list(AnnDataLoader(in_memory, indices=unsorted, batch_size=64))
@@ -75,7 +78,9 @@ def test_shuffled_epochs_read_each_chunk_once_and_visit_every_cell(pair):
     indices = np.random.default_rng(1).choice(500, 400, replace=False)
     X = in_memory.adata.X
     X = X.toarray() if hasattr(X, "toarray") else X
-    loader = CountingLoader(backed, indices=indices, batch_size=48, shuffle=True, chunk_size=64, buffer_chunks=2)
+    loader = CountingLoader(
+        backed, indices=indices, batch_size=48, shuffle=True, chunk_size=64, buffer_chunks=2
+    )
     epochs = []
     for _ in range(2):
         loader.reads = []
@@ -92,7 +97,15 @@ def test_shuffled_epochs_read_each_chunk_once_and_visit_every_cell(pair):
 def test_distributed_ranks_share_the_cells(pair):
     _, backed = pair
     loaders = [
-        BackedDataLoader(backed, batch_size=50, shuffle=True, distributed_sampler=True, num_replicas=2, rank=r, chunk_size=64)
+        BackedDataLoader(
+            backed,
+            batch_size=50,
+            shuffle=True,
+            distributed_sampler=True,
+            num_replicas=2,
+            rank=r,
+            chunk_size=64,
+        )
         for r in range(2)
     ]
     for dl in loaders:
@@ -131,7 +144,7 @@ def test_training_from_backed_data(memory, tmp_path):
 
 
 def test_backed_errors(pair):
-    in_memory, backed = pair
+    _, backed = pair
     from cellvi.dataloaders import resolve_data_path
 
     assert resolve_data_path("auto", backed, "cpu") == "backed"
@@ -158,7 +171,9 @@ def test_get_methods_on_the_fast_path_keep_the_order_of_indices(memory, tmp_path
     reference = model.get_latent_representation(dataloader=AnnDataLoader(model.adata_manager, batch_size=64))
     loader = model._make_data_loader(adata=adata, indices=order, batch_size=64)
     assert type(loader).__name__ == "DeviceDataLoader"
-    np.testing.assert_allclose(model.get_latent_representation(indices=order, batch_size=64), reference[order], rtol=1e-5)
+    np.testing.assert_allclose(
+        model.get_latent_representation(indices=order, batch_size=64), reference[order], rtol=1e-5
+    )
     loader = model._make_data_loader(adata=backed, indices=order, batch_size=64)
     assert type(loader).__name__ == "BackedDataLoader"
     np.testing.assert_allclose(

@@ -11,7 +11,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from _toy import train_toy  # noqa: E402
+from _toy import train_toy
 
 PER_RANK_BATCH = 32
 

@@ -60,11 +60,15 @@ def test_batches_equal_scvi_loader(manager, backend, shuffle, drop_last):
     store = TensorStore(manager, sparse_backend=backend)
     indices = np.random.default_rng(1).permutation(manager.adata.n_obs)[:217]
     torch.manual_seed(3)
-    reference = list(AnnDataLoader(manager, indices=indices, batch_size=50, shuffle=shuffle, drop_last=drop_last))
+    reference = list(
+        AnnDataLoader(manager, indices=indices, batch_size=50, shuffle=shuffle, drop_last=drop_last)
+    )
     state = torch.random.get_rng_state()
     torch.manual_seed(3)
     ours = list(
-        DeviceDataLoader(manager, indices=indices, batch_size=50, shuffle=shuffle, drop_last=drop_last, store=store)
+        DeviceDataLoader(
+            manager, indices=indices, batch_size=50, shuffle=shuffle, drop_last=drop_last, store=store
+        )
     )
     _assert_same_batches(reference, ours)
     # the same draws from the global generator: seeded training continues identically
@@ -76,8 +80,12 @@ def test_boolean_mask_subset_keys_and_ndarray(manager):
     mask = np.zeros(manager.adata.n_obs, dtype=bool)
     mask[::3] = True
     keys = {"X": np.float64, "batch": np.int32}
-    reference = list(AnnDataLoader(manager, indices=mask, batch_size=40, data_and_attributes=keys, iter_ndarray=True))
-    ours = list(DeviceDataLoader(manager, indices=mask, batch_size=40, data_and_attributes=keys, iter_ndarray=True))
+    reference = list(
+        AnnDataLoader(manager, indices=mask, batch_size=40, data_and_attributes=keys, iter_ndarray=True)
+    )
+    ours = list(
+        DeviceDataLoader(manager, indices=mask, batch_size=40, data_and_attributes=keys, iter_ndarray=True)
+    )
     assert len(ours) == len(reference) == 3
     for a, b in zip(reference, ours, strict=True):
         assert set(b) == {"X", "batch"}
@@ -170,7 +178,12 @@ def test_distributed_order_matches_scvi_batch_distributed_sampler(shuffle, drop_
     n, bs = 103, 16
     for rank in range(3):
         reference = BatchDistributedSampler(
-            range(n), batch_size=bs, num_replicas=3, rank=rank, shuffle=shuffle, drop_dataset_tail=drop_dataset_tail
+            range(n),
+            batch_size=bs,
+            num_replicas=3,
+            rank=rank,
+            shuffle=shuffle,
+            drop_dataset_tail=drop_dataset_tail,
         )
         ours = MinibatchSampler(
             n, batch_size=bs, shuffle=shuffle, num_replicas=3, rank=rank, drop_dataset_tail=drop_dataset_tail
@@ -186,7 +199,10 @@ def test_ranks_split_each_single_process_minibatch():
     """Rank minibatch k of R ranks x B == minibatch k of one process x R*B, same seed and epoch."""
     n, bs, world = 200, 16, 2
     single = MinibatchSampler(n, batch_size=bs * world, shuffle=True, seed=7)
-    ranks = [MinibatchSampler(n, batch_size=bs, shuffle=True, seed=7, num_replicas=world, rank=r) for r in range(world)]
+    ranks = [
+        MinibatchSampler(n, batch_size=bs, shuffle=True, seed=7, num_replicas=world, rank=r)
+        for r in range(world)
+    ]
     for s in [single, *ranks]:
         s.set_epoch(2)
     single_batches = list(single)
@@ -202,7 +218,9 @@ def test_ranks_split_each_single_process_minibatch():
 
 def test_distributed_loader_gives_each_rank_its_share(manager):
     loaders = [
-        DeviceDataLoader(manager, batch_size=32, shuffle=True, distributed_sampler=True, num_replicas=2, rank=r)
+        DeviceDataLoader(
+            manager, batch_size=32, shuffle=True, distributed_sampler=True, num_replicas=2, rank=r
+        )
         for r in range(2)
     ]
     seen = [np.concatenate([b["X"].numpy() for b in dl]) for dl in loaders]

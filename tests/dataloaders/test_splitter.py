@@ -90,7 +90,9 @@ def _train(cls, adata, data_path, **setup):
     scvi.settings.seed = 0
     cls.setup_anndata(adata, **setup)
     model = cls(adata, n_latent=3, n_hidden=16)
-    model.train(max_epochs=3, batch_size=64, data_path=data_path, check_val_every_n_epoch=1, enable_progress_bar=False)
+    model.train(
+        max_epochs=3, batch_size=64, data_path=data_path, check_val_every_n_epoch=1, enable_progress_bar=False
+    )
     return model
 
 
@@ -103,10 +105,17 @@ def test_seeded_training_identical_to_scvi_loader(adata):
     latent = reference.get_latent_representation()
     for path in ("device", "stream"):
         for key in ("elbo_train", "elbo_validation", "reconstruction_loss_train"):
-            np.testing.assert_allclose(runs[path].history[key].to_numpy(dtype=float), reference.history[key].to_numpy(dtype=float), rtol=1e-5)
+            np.testing.assert_allclose(
+                runs[path].history[key].to_numpy(dtype=float),
+                reference.history[key].to_numpy(dtype=float),
+                rtol=1e-5,
+            )
         np.testing.assert_allclose(runs[path].get_latent_representation(), latent, rtol=1e-4, atol=1e-5)
     # and training did something: the ELBO fell
-    assert reference.history["elbo_train"].to_numpy(dtype=float)[-1] < reference.history["elbo_train"].to_numpy(dtype=float)[0]
+    assert (
+        reference.history["elbo_train"].to_numpy(dtype=float)[-1]
+        < reference.history["elbo_train"].to_numpy(dtype=float)[0]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +171,13 @@ def test_semi_supervised_distributed_epoch_covers_the_rank_share(labelled):
     seen = []
     for rank in range(2):
         loader = SemiSupervisedDeviceDataLoader(
-            manager, n_samples_per_label=5, shuffle=True, batch_size=20,
-            distributed_sampler=True, num_replicas=2, rank=rank,
+            manager,
+            n_samples_per_label=5,
+            shuffle=True,
+            batch_size=20,
+            distributed_sampler=True,
+            num_replicas=2,
+            rank=rank,
         )
         steps = list(loader)
         assert len(steps) == len(loader) == 8  # 151 cells per rank / 20, the labelled loader restarting
@@ -182,7 +196,11 @@ def test_semi_supervised_training_identical_to_scvi_loader(labelled):
     }
     assert type(runs["device"].trainer.train_dataloader).__name__ == "SemiSupervisedDeviceDataLoader"
     for key in ("elbo_train", "train_classification_loss", "elbo_validation"):
-        np.testing.assert_allclose(runs["device"].history[key].to_numpy(dtype=float), runs["scvi"].history[key].to_numpy(dtype=float), rtol=1e-5)
+        np.testing.assert_allclose(
+            runs["device"].history[key].to_numpy(dtype=float),
+            runs["scvi"].history[key].to_numpy(dtype=float),
+            rtol=1e-5,
+        )
     np.testing.assert_array_equal(runs["device"].predict(), runs["scvi"].predict())
 
 

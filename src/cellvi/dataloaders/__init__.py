@@ -54,10 +54,10 @@ from ._splitter import (
 from ._store import TensorStore, estimate_nbytes, registered_in_memory
 
 __all__ = [
-    "BackedDataLoader",
     "DATA_PATHS",
     "DATA_PATH_DOC",
     "DEVICE_MEMORY_FRACTION",
+    "BackedDataLoader",
     "DataPathMixin",
     "DataSplitter",
     "DeviceDataLoader",

@@ -44,10 +44,14 @@ def _as_indices(indices, n_obs: int, arg: str = "indices") -> np.ndarray:
         if np.issubdtype(indices.dtype, np.floating) and np.all(np.mod(indices, 1) == 0):
             indices = indices.astype(np.int64)
         else:
-            raise ValueError(f"{arg} must hold integer positions or a boolean mask; got dtype {indices.dtype}.")
+            raise ValueError(
+                f"{arg} must hold integer positions or a boolean mask; got dtype {indices.dtype}."
+            )
     indices = indices.ravel().astype(np.int64)
     if indices.min() < -n_obs or indices.max() >= n_obs:
-        raise ValueError(f"{arg} must be positions in [0, {n_obs}); got values in [{indices.min()}, {indices.max()}].")
+        raise ValueError(
+            f"{arg} must be positions in [0, {n_obs}); got values in [{indices.min()}, {indices.max()}]."
+        )
     return np.where(indices < 0, indices + n_obs, indices)
 
 
@@ -253,7 +257,6 @@ class DeviceDataLoader:
             if self.iter_ndarray:
                 batch = {key: value.cpu().numpy() for key, value in batch.items()}
             yield batch
-
 
     def augment(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Add fields to a minibatch; override in a subclass (the default returns ``batch``).

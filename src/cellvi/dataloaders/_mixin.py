@@ -60,9 +60,12 @@ class DataPathMixin:
         datasplitter_kwargs = with_data_path(datasplitter_kwargs, data_path)
         return super().train(*args, datasplitter_kwargs=datasplitter_kwargs, **kwargs)
 
-    train.__doc__ = train.__doc__.rstrip() + "\n" + "\n".join(
-        "        " + line if line else line for line in DATA_PATH_DOC.splitlines()
-    ) + "\n"
+    train.__doc__ = (
+        train.__doc__.rstrip()
+        + "\n"
+        + "\n".join("        " + line if line else line for line in DATA_PATH_DOC.splitlines())
+        + "\n"
+    )
 
 
 class SemiSupervisedDataPathMixin(DataPathMixin):

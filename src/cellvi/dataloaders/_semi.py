@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
-
 from scvi import REGISTRY_KEYS
 from scvi.data._utils import get_anndata_attribute
 
@@ -104,9 +103,7 @@ class SemiSupervisedDeviceDataLoader:
         self.n_samples_per_label = n_samples_per_label
         labels, unlabeled = labels_of(adata_manager)
         here = labels[self.indices]
-        self.labeled_locs = [
-            self.indices[here == label] for label in np.unique(labels) if label != unlabeled
-        ]
+        self.labeled_locs = [self.indices[here == label] for label in np.unique(labels) if label != unlabeled]
         self._loader_kwargs = dict(
             shuffle=shuffle,
             batch_size=batch_size,

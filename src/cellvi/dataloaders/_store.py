@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import sparse
-
 from scvi import REGISTRY_KEYS
 from scvi.data._utils import registry_key_to_default_dtype
 
@@ -233,9 +232,7 @@ class TensorStore:
         keys = self.keys if keys is None else keys
         nnz = nnz or {}
         dense = {key: torch.index_select(self._dense[key], 0, rows) for key in keys if key in self._dense}
-        csr = {
-            key: self._take_csr(self._csr[key], rows, nnz.get(key)) for key in keys if key in self._csr
-        }
+        csr = {key: self._take_csr(self._csr[key], rows, nnz.get(key)) for key in keys if key in self._csr}
         return PackedBatch(dense=dense, csr=csr, n_rows=int(rows.shape[0]))
 
     def batch_nnz(self, rows: torch.Tensor, sizes: list[int]) -> dict[str, list[int]]:
