@@ -187,6 +187,15 @@ def test_semi_supervised_distributed_epoch_covers_the_rank_share(labelled):
     np.testing.assert_array_equal(np.sort(torch.cat(seen).numpy().sum(1)), np.sort(X.sum(1)))
 
 
+def test_semi_supervised_set_without_labelled_cells_still_yields(labelled):
+    adata = labelled.copy()
+    SCANVI.setup_anndata(adata, labels_key="label", unlabeled_category="unknown")
+    manager = SCANVI(adata).adata_manager
+    unlabelled = np.flatnonzero(adata.obs["label"].to_numpy() == "unknown")[:50]
+    batches = list(SemiSupervisedDeviceDataLoader(manager, indices=unlabelled, batch_size=20))
+    assert [b["X"].shape[0] for b in batches] == [20, 20, 10]  # dicts: "no labelled tensors"
+
+
 def test_semi_supervised_training_identical_to_scvi_loader(labelled):
     adata = labelled.copy()
     adata.obs["label"] = adata.obs["cell_type"].astype(str)  # all labelled: no replay in scvi

@@ -53,7 +53,8 @@ class SemiSupervisedDeviceDataLoader:
     minibatch of all ``indices`` and one of the labelled observations among them (each label
     class subsampled to ``n_samples_per_label`` per epoch when given, with numpy's global
     generator as scvi). The epoch follows the longer loader and the shorter one restarts with a
-    fresh shuffle (scvi replays its first pass from a cache).
+    fresh shuffle (scvi replays its first pass from a cache). Without labelled observations among
+    ``indices`` it yields the full minibatches alone.
 
     Parameters
     ----------
@@ -169,7 +170,10 @@ class SemiSupervisedDeviceDataLoader:
     def _steps(self) -> Iterator[tuple[dict, dict]]:
         # runs on the first ``next`` (Lightning calls ``iter`` once just to check the loader)
         if len(self.labelled.indices) == 0:
-            raise ValueError("No labelled observations among the indices of the semi-supervised loader.")
+            # e.g. a validation set without labelled cells: full minibatches alone, which scvi's
+            # plans read as "no labelled tensors" (scvi's loader yields nothing, skipping the set)
+            yield from self.full
+            return
         loaders = [self.full, self.labelled]
         largest = int(np.argmax([len(dl) for dl in loaders]))
         # the random draws of scvi's ConcatDataLoader: one per loader as its iteration starts
