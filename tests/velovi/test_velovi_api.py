@@ -179,3 +179,22 @@ def test_outputs_identical_twice_and_after_save_load(quick_model, tmp_path, seed
     )
     for key, value in quick_model.get_rates().items():
         np.testing.assert_array_equal(value, loaded.get_rates()[key])
+
+
+def test_aggregated_posterior_differential_abundance_and_sample(quick_model):
+    adata = quick_model.adata
+    post = quick_model.get_aggregated_posterior(indices=np.arange(30))
+    assert post.sample().shape[-1] == 10
+    data = adata.copy()
+    quick_model.differential_abundance(data, sample_key="cell_type")  # writes obsm['da_log_probs']
+    da = data.obsm["da_log_probs"]
+    assert da.shape == (adata.n_obs, 4) and np.isfinite(da.to_numpy()).all()
+    tensors = {"X": torch.as_tensor(adata.layers["Ms"][:8]), "U": torch.as_tensor(adata.layers["Mu"][:8])}
+    s, u = quick_model.module.sample(tensors, n_samples=3)
+    assert s.shape == u.shape == (3, 8, adata.n_vars)
+
+
+def test_other_genes_are_rejected(quick_model):
+    other = quick_model.adata[:, :5].copy()
+    with pytest.raises(ValueError):
+        quick_model.get_velocity(adata=other)
