@@ -42,6 +42,7 @@ def test_two_ranks_train_the_same_parameters_as_one_process(tmp_path):
             subprocess.Popen(
                 [sys.executable, str(HERE / "_toy.py"), str(out), str(PER_RANK_BATCH)],
                 env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                cwd=tmp_path,  # Lightning's DDP logger writes ./lightning_logs
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
