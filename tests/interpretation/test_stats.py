@@ -149,3 +149,23 @@ def test_explained_variance_permutation_shortcut_equals_brute_force_mse():
     np.testing.assert_allclose(p_gram[0], brute(n_perm))
     np.testing.assert_allclose(p_gather[0], brute(1))
     assert p_gram[0, 0] == pytest.approx(1 / 51) and p_gram[0, 2] > 0.05
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import logging
+
+    import scvi
+
+    import cellvi.interpretation
+    import cellvi.interpretation._stats
+
+    verbosity = scvi.settings.verbosity
+    scvi.settings.verbosity = logging.WARNING  # scvi's INFO lines go to stdout, which doctest compares
+    try:
+        for mod in (cellvi.interpretation._stats, cellvi.interpretation):
+            result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+            assert result.attempted > 0 and result.failed == 0, mod.__name__
+    finally:
+        scvi.settings.verbosity = verbosity

@@ -12,6 +12,21 @@
 Build them from the model (``model.get_attention_patterns()``, ``model.get_neighbor_ablation_scores()``,
 ...) or with ``<Module>.compute(model, ...)``. The statistics (Benjamini-Hochberg, permutation
 p-values, bootstrap intervals, silhouette-chosen k-means) are in :mod:`cellvi.interpretation.stats`.
+
+Examples
+--------
+>>> import cellvi
+>>> from cellvi.interpretation import AMICIAblationModule, AMICICounterfactualAttentionModule
+>>> adata = cellvi.data.simulate_spatial(n_cells=400, n_genes=50, seed=0)
+>>> cellvi.AMICI.setup_anndata(adata, labels_key="cell_type", coord_obsm_key="spatial", n_neighbors=10)
+>>> model = cellvi.AMICI(adata, n_heads=2, n_head_size=8, n_nn_embed=32, n_nn_embed_hidden=32)
+>>> model.train(max_epochs=2, enable_progress_bar=False)
+>>> ablation = AMICIAblationModule.compute(model, compute_z_value=True, prog_bar=False)
+>>> ablation.get_interaction_weight_matrix().shape  # senders x receivers
+(4, 4)
+>>> cf = AMICICounterfactualAttentionModule.compute(model, "A", prog_bar=False)
+>>> list(cf.calculate_length_scales().columns)
+['neighbor_idx', 'neighbor_label', 'head_idx', 'length_scale', 'filtered']
 """
 
 from __future__ import annotations

@@ -270,7 +270,7 @@ def kmeans_silhouette(
     (empty when ``n_clusters`` was given).
     """
     from sklearn.cluster import KMeans
-    from sklearn.metrics import silhouette_score
+    from sklearn.metrics import pairwise_distances, silhouette_score
 
     X = np.asarray(X, dtype=np.float64)
     n = X.shape[0]
@@ -284,11 +284,14 @@ def kmeans_silhouette(
     sample = X if n <= sample_size else X[rng.choice(n, sample_size, replace=False)]
     n_distinct = len(np.unique(sample, axis=0))
     scores = {}
+    dist = None  # pairwise distances of the sample, computed once for all k
     for k in range(k_range[0], min(k_range[1], n_distinct - 1) + 1):
         km = KMeans(n_clusters=k, n_init=2, random_state=random_state).fit(sample)
         if len(np.unique(km.labels_)) < 2:
             continue
-        scores[k] = float(silhouette_score(sample, km.labels_))
+        if dist is None:
+            dist = pairwise_distances(sample)
+        scores[k] = float(silhouette_score(dist, km.labels_, metric="precomputed"))
     best = max(scores, key=scores.get) if scores else 1
     km = KMeans(n_clusters=best, n_init=4, random_state=random_state).fit(X)
     return km.labels_.astype(np.int64), best, scores
