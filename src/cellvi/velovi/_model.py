@@ -14,12 +14,12 @@ from anndata import AnnData
 from scipy import sparse
 from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
-from scvi.dataloaders import DataSplitter
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from scvi.module._constants import MODULE_KEYS
 from scvi.train import TrainRunner
 
 from cellvi._validation import check_counts, check_layer, check_obs_key, check_positive_int, row_sums
+from cellvi.dataloaders import DATA_PATH_DOC, DataSplitter, make_data_loader
 
 from ._constants import STATE_NAMES, VELOVI_REGISTRY_KEYS
 from ._module import VELOVAE
@@ -78,6 +78,7 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """
 
     _module_cls = VELOVAE
+    _data_loader_cls = staticmethod(make_data_loader)
 
     def __init__(
         self,
@@ -199,6 +200,7 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         gradient_clip_val: float = 10,
         plan_kwargs: dict | None = None,
         external_indexing: list[np.ndarray] = None,
+        data_path: str = "auto",
         **trainer_kwargs,
     ):
         """Train the model.
@@ -243,6 +245,8 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         external_indexing
             A list of data split indices in the order of training, validation, and test sets.
             Validation and test set are not required and can be left empty.
+        data_path
+            How minibatches reach the model (cellvi's shared data path, :mod:`cellvi.dataloaders`); see below.
         **trainer_kwargs
             Other keyword args for :class:`~scvi.train.Trainer`.
         """
@@ -284,6 +288,7 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             validation_size=validation_size,
             batch_size=batch_size,
             external_indexing=external_indexing,
+            data_path=data_path,
         )
         training_plan = VELOVITrainingPlan(self.module, **plan_kwargs)
         runner = TrainRunner(
@@ -296,6 +301,10 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             **trainer_kwargs,
         )
         return runner()
+
+    train.__doc__ = train.__doc__.rstrip() + "\n\n        Notes\n        -----\n" + "\n".join(
+        "        " + line if line else line for line in DATA_PATH_DOC.splitlines()
+    ) + "\n"
 
     # ------------------------------------------------------------------ shared posterior machinery
     def _prepare(
