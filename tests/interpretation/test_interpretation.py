@@ -124,6 +124,20 @@ def test_ablation_schema_and_batched_passes_match_single_sender_runs(model, abla
     np.testing.assert_allclose(names.ablation_scores["ablated_indices_diff"], ref["C_diff"], rtol=1e-5, atol=1e-8)
 
 
+def test_sparse_expression_gives_the_same_scores(model):
+    from scipy import sparse
+
+    dense = model.adata
+    sp = dense.copy()
+    sp.X = sparse.csr_matrix(sp.X)
+    a = AMICIAblationModule.compute(model, cell_type="B", compute_z_value=True, prog_bar=False).ablation_scores
+    b = AMICIAblationModule.compute(model, adata=sp, cell_type="B", compute_z_value=True, prog_bar=False).ablation_scores
+    pd.testing.assert_frame_equal(a, b, rtol=1e-5)
+    att = AMICIAttentionModule.compute(model, adata=sp, indices=np.arange(50), flavor="info-weighted", prog_bar=False)
+    ref = AMICIAttentionModule.compute(model, indices=np.arange(50), flavor="info-weighted", prog_bar=False)
+    np.testing.assert_allclose(att._attention, ref._attention, rtol=1e-4, atol=1e-7)
+
+
 def test_ablation_by_head_sums_to_all_heads_and_diff_is_exact(model):
     full = AMICIAblationModule.compute(model, cell_type="A", ablated_neighbor_ct_sub=["B"], prog_bar=False)
     per_head = [
@@ -191,6 +205,7 @@ def test_ablation_errors_and_plots(model, ablation, tmp_path):
         ablation.plot_featurewise_contributions_heatmap("B", show=False),
         ablation.plot_featurewise_contributions_dotplot("B", show=False, save_svg=True, save_dir=tmp_path),
         ablation.plot_interaction_weight_heatmap(show=False),
+        ablation.get_interaction_circos_plot(show=False, weight="ablation"),
         ablation.plot_interaction_directed_graph(show=False, weight="ablation", weight_threshold=0.5),
     ]
     assert all(hasattr(f, "savefig") for f in figs)

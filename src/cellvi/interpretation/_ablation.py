@@ -386,6 +386,77 @@ class AMICIAblationModule:
         return finish_figure(fig, f"featurewise_contributions_dotplot_{rec}", show=show, save_png=save_png,
                              save_svg=save_svg, save_dir=save_dir)
 
+    def get_interaction_circos_plot(
+        self,
+        cell_type_sub=None,
+        significance_threshold: float = 0.05,
+        palette=None,
+        show: bool = True,
+        save_png: bool = False,
+        save_svg: bool = False,
+        save_dir: str = "./figures",
+        weight: str = "count",
+    ):
+        """Chord (circos) diagram of :meth:`get_interaction_weight_matrix`, drawn with matplotlib.
+
+        Each cell type is an arc of the circle, sized by its total incoming plus outgoing weight; each
+        sender -> receiver weight is a ribbon in the sender's colour from the sender's arc to the
+        receiver's, its width proportional to the weight (``amici-st`` draws this with ``openchord``,
+        which cellvi does not need).
+
+        Returns
+        -------
+        The :class:`matplotlib.figure.Figure`.
+        """
+        from matplotlib.patches import PathPatch, Wedge
+        from matplotlib.path import Path as MplPath
+
+        W = self.get_interaction_weight_matrix(significance_threshold, weight=weight)
+        types = list(dict.fromkeys([*W.index, *W.columns]))
+        if cell_type_sub is not None:
+            unknown = [c for c in cell_type_sub if c not in types]
+            if unknown:
+                raise ValueError(f"cell_type_sub holds unknown cell types {unknown}; expected some of {types}.")
+            types = list(cell_type_sub)
+        M = W.reindex(index=types, columns=types, fill_value=0).to_numpy(dtype=np.float64)
+        colours = palette_for(types, palette)
+        fig, ax = new_figure(1, 1, width=5.5, height=5.5)
+        a = ax[0, 0]
+        total = M.sum(1) + M.sum(0)
+        gap = 2 * np.pi * 0.02
+        span = (2 * np.pi - gap * len(types)) * (total / total.sum() if total.sum() > 0 else np.full(len(types), 1 / len(types)))
+        starts = np.concatenate([[0.0], np.cumsum(span + gap)[:-1]])
+        cursor = starts.copy()
+        scale = span / np.where(total > 0, total, 1)
+
+        def point(theta, r=0.9):
+            return np.array([r * np.cos(theta), r * np.sin(theta)])
+
+        for i, t in enumerate(types):
+            a.add_patch(Wedge((0, 0), 1.0, np.degrees(starts[i]), np.degrees(starts[i] + span[i]), width=0.08,
+                              color=colours[t]))
+            mid = starts[i] + span[i] / 2
+            a.text(*point(mid, 1.12), t, ha="center", va="center")
+        for i in range(len(types)):
+            for j in range(len(types)):
+                w = M[i, j]
+                if w <= 0:
+                    continue
+                s0, s1 = cursor[i], cursor[i] + w * scale[i]
+                cursor[i] = s1
+                t0, t1 = cursor[j], cursor[j] + w * scale[j]
+                cursor[j] = t1
+                arc_t = [point(x) for x in np.linspace(t0, t1, 16)]
+                arc_s = [point(x) for x in np.linspace(s1, s0, 16)]
+                verts = [point(s0), (0, 0), point(t0), *arc_t[1:], (0, 0), point(s1), *arc_s[1:], point(s0)]
+                codes = [MplPath.MOVETO, MplPath.CURVE3, MplPath.CURVE3, *[MplPath.LINETO] * 15,
+                         MplPath.CURVE3, MplPath.CURVE3, *[MplPath.LINETO] * 15, MplPath.CLOSEPOLY]
+                a.add_patch(PathPatch(MplPath(verts, codes), facecolor=colours[types[i]], alpha=0.6, lw=0))
+        a.set(xlim=(-1.3, 1.3), ylim=(-1.3, 1.3), aspect="equal", title="sender -> receiver interactions")
+        a.set_axis_off()
+        return finish_figure(fig, "interaction_circos_plot", show=show, save_png=save_png, save_svg=save_svg,
+                             save_dir=save_dir)
+
     def plot_interaction_weight_heatmap(
         self,
         significance_threshold: float = 0.05,
