@@ -352,6 +352,7 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int | None,
         fn,
         latent_dim: int | None = None,
+        sample_pi: bool = True,
     ) -> list[np.ndarray]:
         """Run ``fn(tensors, generative_outputs)`` on all posterior samples, batched; concatenate over cells.
 
@@ -375,7 +376,7 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 z = inf[MODULE_KEYS.Z_KEY]
                 if s == 1:
                     z = z.unsqueeze(0)
-                gen = self.module.generative(z, latent_dim=latent_dim)
+                gen = self.module.generative(z, latent_dim=latent_dim, sample_pi=sample_pi)
                 result = fn({k: v.to(self.device) for k, v in inp.items()}, gen)
                 outs.append([r.float().cpu().numpy() for r in result])
             chunks.append([np.concatenate(parts, axis=0) for parts in zip(*outs, strict=True)])
@@ -409,6 +410,10 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return indices[draw]
 
     # ------------------------------------------------------------------ model-specific outputs
+    # Posterior means of quantities linear in the state probabilities pi (expected time, expected velocity,
+    # expression fit, mean state probabilities) use E[pi | z] (Rao-Blackwellised: the same expectation as
+    # sampling pi, without its noise, and without the cost of Dirichlet draws); samples returned with
+    # return_mean=False, 'max' statistics and likelihoods draw pi.
     def get_state_assignment(
         self,
         adata: AnnData | None = None,
@@ -453,8 +458,14 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         """
         adata, indices, genes = self._prepare(adata, indices, gene_list, n_samples, batch_size)
         gene_t = torch.as_tensor(genes, device=self.device)
+        mean_only = hard_assignment or return_mean or n_samples == 1
         (pi,) = self._posterior(
-            adata, indices, n_samples, batch_size, lambda t, g: (g["px_pi"].index_select(-2, gene_t),)
+            adata,
+            indices,
+            n_samples,
+            batch_size,
+            lambda t, g: (g["px_pi"].index_select(-2, gene_t),),
+            sample_pi=not mean_only,
         )
         states = list(STATE_NAMES)
         if hard_assignment:
@@ -527,6 +538,7 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             n_samples,
             batch_size,
             lambda tensors, g: (self.module.latent_time(g, time_statistic).index_select(-1, gene_t),),
+            sample_pi=not _mean_only(time_statistic, n_samples, return_mean),
         )
         return self._format(
             t, n_samples, return_mean, return_numpy, adata.obs_names[indices], adata.var_names[genes]
@@ -598,7 +610,9 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 v = torch.maximum(v, -tensors[velo_mode])
             return (v.index_select(-1, gene_t),)
 
-        (v,) = self._posterior(adata, indices, n_samples, batch_size, fn)
+        (v,) = self._posterior(
+            adata, indices, n_samples, batch_size, fn, sample_pi=not _mean_only(velo_statistic, n_samples, return_mean)
+        )
         return self._format(
             v, n_samples, return_mean, return_numpy, adata.obs_names[indices], adata.var_names[genes]
         )
@@ -661,7 +675,15 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             fit_s, fit_u = self.module.expression_fit(g)
             return fit_s.index_select(-1, gene_t), fit_u.index_select(-1, gene_t)
 
-        fit_s, fit_u = self._posterior(adata, indices, n_samples, batch_size, fn, latent_dim=restrict_to_latent_dim)
+        fit_s, fit_u = self._posterior(
+            adata,
+            indices,
+            n_samples,
+            batch_size,
+            fn,
+            latent_dim=restrict_to_latent_dim,
+            sample_pi=not _mean_only("mean", n_samples, return_mean),
+        )
         names = adata.obs_names[indices], adata.var_names[genes]
         return (
             self._format(fit_s, n_samples, return_mean, return_numpy, *names),
@@ -857,7 +879,7 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 fit_s, fit_u = self.module.expression_fit(g)
                 return fit_s - tensors["spliced"], fit_u - tensors["unspliced"]
 
-            res_s, res_u = self._posterior(data, np.arange(data.n_obs), n_samples, None, fn)
+            res_s, res_u = self._posterior(data, np.arange(data.n_obs), n_samples, None, fn, sample_pi=False)
             return np.abs(res_s.mean(0)) + np.abs(res_u.mean(0))
 
         err_orig = fit_error(adata)
@@ -876,6 +898,11 @@ def _layer_of(model: VELOVI, key: str) -> str:
 
 def _column_sums(X) -> np.ndarray:
     return row_sums(X.T) if not sparse.issparse(X) else np.asarray(X.sum(axis=0)).ravel()
+
+
+def _mean_only(statistic: str, n_samples: int, return_mean: bool) -> bool:
+    """Whether only a posterior mean of a quantity linear in the state probabilities is returned."""
+    return statistic == "mean" and (return_mean or n_samples == 1)
 
 
 def _check_choice(value, arg: str, choices: tuple[str, ...]) -> None:

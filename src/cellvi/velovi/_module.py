@@ -437,10 +437,17 @@ class VELOVAE(BaseModuleClass):
         return {MODULE_KEYS.Z_KEY: z, MODULE_KEYS.QZM_KEY: qz_m, MODULE_KEYS.QZV_KEY: qz_v, MODULE_KEYS.QZ_KEY: qz}
 
     @auto_move_data
-    def generative(self, z, latent_dim: int | None = None):
-        """Decode ``z`` into state probabilities (rsampled from their Dirichlet) and the state kinetics."""
+    def generative(self, z, latent_dim: int | None = None, sample_pi: bool = True):
+        """Decode ``z`` into state probabilities and the state kinetics.
+
+        The state probabilities are rsampled from their Dirichlet, or with ``sample_pi=False`` set to its
+        mean ``E[pi | z]`` (for posterior means of quantities linear in ``pi``: same expectation, no noise).
+        """
         px_pi_alpha, px_rho, px_tau = self.decoder(z, latent_dim=latent_dim)
-        log_pi = dirichlet_log_rsample(px_pi_alpha)
+        if sample_pi:
+            log_pi = dirichlet_log_rsample(px_pi_alpha)
+        else:
+            log_pi = torch.log(px_pi_alpha) - torch.log(px_pi_alpha.sum(-1, keepdim=True))
         px_pi = torch.exp(log_pi)
         k = self.kinetics(px_rho, px_tau)
         u_sw, s_sw = k["u_switch"], k["s_switch"]
