@@ -15,6 +15,7 @@ COMMANDS: tuple[str, ...] = (
     "scar",
     "amici",
     "velovi",
+    "fadvi",
 )
 
 

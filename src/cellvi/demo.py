@@ -17,6 +17,7 @@ SECTIONS: tuple[str, ...] = (
     "scar",
     "amici",
     "velovi",
+    "fadvi",
 )
 
 

@@ -230,7 +230,7 @@ def test_covariates_and_size_factor(small):
 
 
 def test_single_batch_and_last_minibatch_of_one(small):
-    adata = small[:257].copy()  # 257 * 0.9 -> 232 training cells = 128 + 104 ... use train_size=1
+    adata = small[:257].copy()
     FADVI.setup_anndata(adata, labels_key="labels")
     with pytest.warns(UserWarning, match="single batch"):
         model = FADVI(adata, **SMALL)

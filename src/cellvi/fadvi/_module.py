@@ -434,7 +434,9 @@ class FADVAE(BaseModuleClass):
         qb, ql_, qr = inference_outputs["qz_b"], inference_outputs["qz_l"], inference_outputs["qz_r"]
         zb, zl, zr = inference_outputs["z_b"], inference_outputs["z_l"], inference_outputs["z_r"]
         kl_b = kl(qb, Normal(self.prior_mean_b.T[s], 1.0)).sum(-1)
-        label_logits = self.heads["label"](zl)
+        # the supervised heads read posterior means, as predict() does: on samples, the unit prior
+        # noise hides a label signal the KL keeps small and the heads may never start learning
+        label_logits = self.heads["label"](ql_.loc)
         # KL of z_l to every label component: (n, K)
         m_l = self.prior_mean_l.T  # (K, d_l)
         kl_l_all = 0.5 * ((ql_.loc.unsqueeze(1) - m_l.unsqueeze(0)).pow(2)).sum(-1) + (
@@ -452,7 +454,7 @@ class FADVAE(BaseModuleClass):
         elbo = torch.mean(reconst + kl_weight * kl_weighted)
 
         # supervised heads
-        ce_b = _masked_ce(self.heads["batch"](zb), s, None)
+        ce_b = _masked_ce(self.heads["batch"](qb.loc), s, None)
         ce_l = _masked_ce(label_logits, y_safe, labeled)
         sup = self.lambda_b * ce_b + self.lambda_l * ce_l
 
