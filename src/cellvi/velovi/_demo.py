@@ -18,9 +18,9 @@ def run(out_dir: Path, quick: bool = False) -> None:
     from cellvi.velovi import VELOVI, compute_moments, preprocess_data, write_velovi_results
 
     scvi.settings.seed = 0
-    n_obs, n_vars, epochs = (500, 30, 100) if quick else (1500, 60, 250)
+    n_obs, n_vars, epochs = (500, 30, 100) if quick else (1000, 50, 200)
     adata = cellvi.data.simulate_velocity(n_obs=n_obs, n_vars=n_vars, seed=0)
-    # 60 co-regulated genes: total-count normalisation would remove most of the signal, so it is off here
+    # 50 co-regulated genes: total-count normalisation would remove most of the signal, so it is off here
     compute_moments(adata, n_neighbors=30, normalize=False)
     adata = preprocess_data(adata, filter_on_r2=False)
     print(f"simulated {adata.n_obs} cells x {adata.n_vars} genes (switching ODE, one true time per cell)")
