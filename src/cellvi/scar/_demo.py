@@ -17,8 +17,8 @@ def run(out_dir: Path, quick: bool = False) -> dict:
 
     out_dir = Path(out_dir)
     scvi.settings.seed = 0
-    sizes = dict(n_cells=1000, n_genes=400, n_empty=8000) if quick else dict(n_cells=3000, n_genes=1000, n_empty=20000)
-    epochs = 150 if quick else 200
+    sizes = dict(n_cells=600, n_genes=200, n_empty=5000) if quick else dict(n_cells=1500, n_genes=600, n_empty=20000)
+    epochs = 150
     adata, raw = cellvi.data.simulate_ambient(**sizes, contamination=0.15, seed=0)
     print(f"simulated {adata.n_obs} cells x {adata.n_vars} genes, {raw.n_obs} raw droplets, "
           f"true mean contamination {adata.obs['ambient_fraction'].mean():.3f}")
