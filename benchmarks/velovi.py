@@ -40,7 +40,12 @@ def _quality(model, adata, n_samples: int) -> dict[str, float]:
     scale = np.where(t.max(0) > 0, 20.0 / np.where(t.max(0) > 0, t.max(0), 1.0), 1.0)
     cell_time = np.median(t * scale, axis=1)
     rates = model.get_rates()
-    ratio = rates["gamma"] / rates["beta"] * adata.var["velovi_unspliced_range"] / adata.var["velovi_spliced_range"]
+    ratio = (
+        rates["gamma"]
+        / rates["beta"]
+        * adata.var["velovi_unspliced_range"]
+        / adata.var["velovi_spliced_range"]
+    )
     per_gene = [pearsonr(v[:, g], truth_v[:, g])[0] for g in range(adata.n_vars)]
     return {
         "latent time Spearman (cell median)": spearmanr(cell_time, adata.obs["true_time"])[0],
@@ -52,7 +57,9 @@ def _quality(model, adata, n_samples: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n-obs", type=int, default=1000)
     parser.add_argument("--n-vars", type=int, default=50)
     parser.add_argument("--max-epochs", type=int, default=200)
@@ -77,8 +84,10 @@ def main() -> None:
     adata = cellvi.data.simulate_velocity(n_obs=args.n_obs, n_vars=args.n_vars, seed=args.seed)
     compute_moments(adata, n_neighbors=30, normalize=False)
     adata = preprocess_data(adata, filter_on_r2=False)
-    print(f"data: {adata.n_obs} cells x {adata.n_vars} genes (simulate_velocity seed {args.seed}); "
-          f"torch threads {torch.get_num_threads()}; max_epochs {args.max_epochs}, batch 256, other defaults")
+    print(
+        f"data: {adata.n_obs} cells x {adata.n_vars} genes (simulate_velocity seed {args.seed}); "
+        f"torch threads {torch.get_num_threads()}; max_epochs {args.max_epochs}, batch 256, other defaults"
+    )
 
     results = {}
     for name, cls in (("cellvi", cellvi.VELOVI), ("original", Original)):
@@ -89,7 +98,12 @@ def main() -> None:
         _, wall, cpu = _timed(model.train, max_epochs=args.max_epochs, enable_progress_bar=False)
         epochs = len(model.history["elbo_train"])
         n_train = len(model.train_indices)
-        res = {"epochs": epochs, "train_wall": wall, "train_cpu": cpu, "cells_per_s_cpu": n_train * epochs / cpu}
+        res = {
+            "epochs": epochs,
+            "train_wall": wall,
+            "train_cpu": cpu,
+            "cells_per_s_cpu": n_train * epochs / cpu,
+        }
         res["quality"] = _quality(model, data, args.n_samples)
         torch.manual_seed(0)
         _, res["unc_wall"], res["unc_cpu"] = _timed(
@@ -114,7 +128,9 @@ def main() -> None:
     ]
     for label, a, b in rows:
         print(f"  {label:38s} {a:7.3f}   {b:7.3f}   {b / a:5.1f}x")
-    print("  (the original's uncertainty runs joblib over all cores, n_jobs=-1; its CPU time misses the workers)")
+    print(
+        "  (the original's uncertainty runs joblib over all cores, n_jobs=-1; its CPU time misses the workers)"
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def test_state_assignment_shapes(quick_model):
     np.testing.assert_allclose(pi.sum(-1), 1.0, atol=1e-4)
     pi3, _ = quick_model.get_state_assignment(indices=IDX, gene_list=GENES, n_samples=3, return_mean=False)
     assert pi3.shape == (3, len(IDX), len(GENES), 4)
-    hard, _ = quick_model.get_state_assignment(indices=IDX, gene_list=GENES, hard_assignment=True, n_samples=3)
+    hard, _ = quick_model.get_state_assignment(
+        indices=IDX, gene_list=GENES, hard_assignment=True, n_samples=3
+    )
     assert list(hard.index) == list(adata.obs_names[IDX]) and list(hard.columns) == GENES
     assert set(np.unique(hard.to_numpy())) <= set(states)
 
@@ -131,7 +133,7 @@ def test_directional_statistics_vectorised_and_zero_safe():
     v = rng.normal(size=(7, 30, 12))
     v[:, 4] = 0.0  # a cell with zero velocity in every sample
     df, cos = directional_statistics(v, n_jobs=1)
-    df2, cos2 = directional_statistics(v, n_jobs=3)
+    _, cos2 = directional_statistics(v, n_jobs=3)
     np.testing.assert_allclose(cos, cos2)
     assert np.isfinite(df.to_numpy()).all() and (cos[4] == 0).all()
     # reference: a per-cell loop of the centred cosine
@@ -174,9 +176,7 @@ def test_outputs_identical_twice_and_after_save_load(quick_model, tmp_path, seed
     quick_model.save(tmp_path / "m", save_anndata=True)
     loaded = cellvi.VELOVI.load(tmp_path / "m")
     pd.testing.assert_frame_equal(first, seeded(loaded.get_velocity, n_samples=2))
-    pd.testing.assert_frame_equal(
-        seeded(quick_model.get_latent_time), seeded(loaded.get_latent_time)
-    )
+    pd.testing.assert_frame_equal(seeded(quick_model.get_latent_time), seeded(loaded.get_latent_time))
     for key, value in quick_model.get_rates().items():
         np.testing.assert_array_equal(value, loaded.get_rates()[key])
 

@@ -78,7 +78,9 @@ def test_sparse_layers_match_dense(velo_adata, seeded):
     np.testing.assert_allclose(
         models[0].module.switch_unspliced.numpy(), models[1].module.switch_unspliced.numpy()
     )
-    np.testing.assert_allclose(models[0].module.switch_spliced.numpy(), models[1].module.switch_spliced.numpy())
+    np.testing.assert_allclose(
+        models[0].module.switch_spliced.numpy(), models[1].module.switch_spliced.numpy()
+    )
     models[1].train(max_epochs=2, enable_progress_bar=False)
     v = seeded(models[1].get_velocity, gene_list=["gene_1"], return_numpy=True)
     assert v.shape == (dense.n_obs, 1) and (v >= -dense[:, "gene_1"].layers["Ms"] - 1e-6).all()

@@ -23,7 +23,7 @@ def test_moments_smooth_towards_truth():
     assert isinstance(ms, np.ndarray) and ms.dtype == np.float32 and ms.shape == (300, 10)
     truth = adata.layers["true_spliced"]
     raw = adata.layers["spliced"].toarray()
-    corr = lambda x: np.median([np.corrcoef(x[:, g], truth[:, g])[0, 1] for g in range(10)])  # noqa: E731
+    corr = lambda x: np.median([np.corrcoef(x[:, g], truth[:, g])[0, 1] for g in range(10)])
     assert corr(ms) > corr(raw) + 0.05
     assert adata.obsp["velovi_connectivities"].shape == (300, 300)
     with pytest.raises(ValueError, match="spliced_layer='x'"):
@@ -81,10 +81,14 @@ def test_write_velovi_results_fields(quick_model):
     # velocity = model velocity / (20 / max t); fit_t = t * scaling
     t = adata.layers["latent_time_velovi"]
     np.testing.assert_allclose(adata.layers["fit_t"], t * (20 / t.max(0)), rtol=1e-5)
-    scaled = write_velovi_results(quick_model, adata.copy(), n_samples=3, uncertainty=False, unscaled_rates=True)
+    scaled = write_velovi_results(
+        quick_model, adata.copy(), n_samples=3, uncertainty=False, unscaled_rates=True
+    )
     r = quick_model.get_rates()
     ratio = scaled.var["fit_gamma"] / scaled.var["fit_beta"]
-    expected = r["gamma"] / r["beta"] * adata.var["velovi_unspliced_range"] / adata.var["velovi_spliced_range"]
+    expected = (
+        r["gamma"] / r["beta"] * adata.var["velovi_unspliced_range"] / adata.var["velovi_spliced_range"]
+    )
     np.testing.assert_allclose(ratio, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="unscaled_rates"):
         bare = adata.copy()
@@ -97,8 +101,23 @@ def test_cli_round_trip(tmp_path, capsys):
     path = tmp_path / "in.h5ad"
     adata.write_h5ad(path)
     out = tmp_path / "out.h5ad"
-    code = main(["velovi", str(path), "-o", str(out), "--max-epochs", "3", "--no-normalize",
-                 "--no-filter", "--n-samples", "3", "--n-neighbors", "10", "--quiet"])
+    code = main(
+        [
+            "velovi",
+            str(path),
+            "-o",
+            str(out),
+            "--max-epochs",
+            "3",
+            "--no-normalize",
+            "--no-filter",
+            "--n-samples",
+            "3",
+            "--n-neighbors",
+            "10",
+            "--quiet",
+        ]
+    )
     assert code == 0
     result = ad.read_h5ad(out)
     _check_export(result, 150, 8)

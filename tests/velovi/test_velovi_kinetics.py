@@ -20,9 +20,13 @@ def test_closed_forms_match_ode(gamma, time_dep):
 
     sol = solve_ivp(
         lambda t, y: [rate(t) - beta * y[0], beta * y[0] - gamma * y[1]],
-        (0, 10), [0.0, 0.0], t_eval=t_grid, rtol=1e-10, atol=1e-12,
+        (0, 10),
+        [0.0, 0.0],
+        t_eval=t_grid,
+        rtol=1e-10,
+        atol=1e-12,
     )
-    T = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    T = lambda x: torch.tensor(x, dtype=torch.float64)
     extra = (T(a1), T(lam)) if time_dep else (None, None)
     u, s = induction(T(alpha), T(beta), T(gamma), T(t_grid), *extra)
     np.testing.assert_allclose(u.numpy(), sol.y[0], atol=1e-5)
@@ -31,7 +35,11 @@ def test_closed_forms_match_ode(gamma, time_dep):
     u0, s0 = induction(T(alpha), T(beta), T(gamma), T(4.0), *extra)
     rep = solve_ivp(
         lambda t, y: [-beta * y[0], beta * y[0] - gamma * y[1]],
-        (0, 6), [float(u0), float(s0)], t_eval=np.linspace(0, 6, 13), rtol=1e-10, atol=1e-12,
+        (0, 6),
+        [float(u0), float(s0)],
+        t_eval=np.linspace(0, 6, 13),
+        rtol=1e-10,
+        atol=1e-12,
     )
     ur, sr = repression(u0, s0, T(beta), T(gamma), T(np.linspace(0, 6, 13)))
     np.testing.assert_allclose(ur.numpy(), rep.y[0], atol=1e-6)
@@ -50,7 +58,10 @@ def test_simulator_is_seeded_and_consistent():
     on = a.obs["true_time"].to_numpy()[:, None] <= a.var["true_t_switch"].to_numpy()
     assert ((a.layers["true_state"] <= 1) == on).all()
     assert (a.layers["true_velocity_u"][~on] < 0).all() and (a.layers["true_velocity_u"][on] >= 0).all()
-    assert a.layers["spliced"].dtype == np.float32 and (a.layers["spliced"] == np.round(a.layers["spliced"])).all()
+    assert (
+        a.layers["spliced"].dtype == np.float32
+        and (a.layers["spliced"] == np.round(a.layers["spliced"])).all()
+    )
     assert list(a.obs["cell_type"].cat.categories) == ["type_0", "type_1", "type_2", "type_3"]
     sp = cellvi.data.simulate_velocity(n_obs=50, n_vars=4, seed=0, sparse=True)
     assert sp.layers["spliced"].format == "csr"

@@ -12,4 +12,4 @@ from ._model import VELOVI
 from ._module import VELOVAE
 from ._preprocess import compute_moments, preprocess_data
 
-__all__ = ["VELOVI", "VELOVAE", "compute_moments", "preprocess_data", "write_velovi_results"]
+__all__ = ["VELOVAE", "VELOVI", "compute_moments", "preprocess_data", "write_velovi_results"]

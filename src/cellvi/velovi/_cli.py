@@ -17,7 +17,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="input .h5ad file")
     p.add_argument("-o", "--output", required=True, help="output .h5ad file (written atomically)")
-    p.add_argument("--spliced-layer", default="spliced", help="layer with spliced counts (default: %(default)s)")
+    p.add_argument(
+        "--spliced-layer", default="spliced", help="layer with spliced counts (default: %(default)s)"
+    )
     p.add_argument(
         "--unspliced-layer", default="unspliced", help="layer with unspliced counts (default: %(default)s)"
     )
@@ -26,15 +28,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="the layers already hold smoothed abundances (e.g. Ms/Mu); skip the kNN moments",
     )
-    p.add_argument("--n-neighbors", type=int, default=30, help="neighbours for the moments (default: %(default)s)")
-    p.add_argument("--n-pcs", type=int, default=30, help="principal components for the graph (default: %(default)s)")
+    p.add_argument(
+        "--n-neighbors", type=int, default=30, help="neighbours for the moments (default: %(default)s)"
+    )
+    p.add_argument(
+        "--n-pcs", type=int, default=30, help="principal components for the graph (default: %(default)s)"
+    )
     p.add_argument(
         "--no-normalize", action="store_true", help="do not normalise the layers by their per-cell totals"
     )
     p.add_argument("--no-filter", action="store_true", help="keep genes that fail the steady-state r2 filter")
     p.add_argument("--max-epochs", type=int, default=500, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
-    p.add_argument("--n-samples", type=int, default=25, help="posterior samples for the outputs (default: %(default)s)")
+    p.add_argument(
+        "--n-samples", type=int, default=25, help="posterior samples for the outputs (default: %(default)s)"
+    )
     p.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--save-model", default=None, help="also save the trained model to this directory")
@@ -63,7 +71,9 @@ def _run(args: argparse.Namespace) -> int:
             normalize=not args.no_normalize,
         )
         s_layer, u_layer = "Ms", "Mu"
-    adata = preprocess_data(adata, spliced_layer=s_layer, unspliced_layer=u_layer, filter_on_r2=not args.no_filter)
+    adata = preprocess_data(
+        adata, spliced_layer=s_layer, unspliced_layer=u_layer, filter_on_r2=not args.no_filter
+    )
     VELOVI.setup_anndata(adata, spliced_layer=s_layer, unspliced_layer=u_layer)
     model = VELOVI(adata)
     model.train(

@@ -37,7 +37,12 @@ def run(out_dir: Path, quick: bool = False) -> None:
     agree = np.sign(adata.layers["velocity"]) == np.sign(truth_v)
     rho = spearmanr(adata.obs["velovi_latent_time"], adata.obs["true_time"])[0]
     rates = model.get_rates()
-    ratio = rates["gamma"] / rates["beta"] * adata.var["velovi_unspliced_range"] / adata.var["velovi_spliced_range"]
+    ratio = (
+        rates["gamma"]
+        / rates["beta"]
+        * adata.var["velovi_unspliced_range"]
+        / adata.var["velovi_spliced_range"]
+    )
     ratio_r = np.corrcoef(ratio, adata.var["true_gamma"] / adata.var["true_beta"])[0, 1]
     unc = adata.obs["velocity_uncertainty"]
 

@@ -105,11 +105,15 @@ def write_velovi_results(
 
     cell_time = np.median(fit_t, axis=1).astype(np.float64)
     span = cell_time.max() - cell_time.min()
-    adata.obs["velovi_latent_time"] = (cell_time - cell_time.min()) / span if span > 0 else np.zeros_like(cell_time)
+    adata.obs["velovi_latent_time"] = (
+        (cell_time - cell_time.min()) / span if span > 0 else np.zeros_like(cell_time)
+    )
     if uncertainty:
         stats, _ = model.get_directional_uncertainty(adata, n_samples=n_samples)
         for col in stats.columns:
             adata.obs[col] = stats[col].to_numpy(dtype=np.float64)
-        adata.obs["velocity_uncertainty"] = stats["directional_cosine_sim_variance"].to_numpy(dtype=np.float64)
+        adata.obs["velocity_uncertainty"] = stats["directional_cosine_sim_variance"].to_numpy(
+            dtype=np.float64
+        )
     adata.uns["velocity_params"] = {"mode": "velovi", "n_samples": int(n_samples), "fit_t_max": 20.0}
     return adata

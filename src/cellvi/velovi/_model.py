@@ -23,8 +23,8 @@ from cellvi.dataloaders import DATA_PATH_DOC, DataSplitter, make_data_loader
 
 from ._constants import STATE_NAMES, VELOVI_REGISTRY_KEYS
 from ._module import VELOVAE
-from ._training import VELOVITrainingPlan
 from ._stats import directional_statistics, group_ttests, permute_within_groups, switch_estimates
+from ._training import VELOVITrainingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         setup_method_args = cls._get_setup_method_args(**locals())
         for arg, layer in (("spliced_layer", spliced_layer), ("unspliced_layer", unspliced_layer)):
             if not isinstance(layer, str):
-                raise ValueError(f"{arg} must be the name of a layer in adata.layers, got {layer!r}.")
+                raise ValueError(f"{arg} must be the name of a layer in adata.layers, got {layer!r}.")  # noqa: TRY004
             check_layer(adata, layer, arg)
             check_counts(adata.layers[layer], f"adata.layers[{layer!r}] ({arg})", integer=False)
         totals = _column_sums(adata.layers[spliced_layer]) + _column_sums(adata.layers[unspliced_layer])
@@ -199,7 +199,7 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         early_stopping: bool = True,
         gradient_clip_val: float = 10,
         plan_kwargs: dict | None = None,
-        external_indexing: list[np.ndarray] = None,
+        external_indexing: list[np.ndarray] | None = None,
         data_path: str = "auto",
         **trainer_kwargs,
     ):
@@ -302,9 +302,12 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         )
         return runner()
 
-    train.__doc__ = train.__doc__.rstrip() + "\n\n        Notes\n        -----\n" + "\n".join(
-        "        " + line if line else line for line in DATA_PATH_DOC.splitlines()
-    ) + "\n"
+    train.__doc__ = (
+        train.__doc__.rstrip()
+        + "\n\n        Notes\n        -----\n"
+        + "\n".join("        " + line if line else line for line in DATA_PATH_DOC.splitlines())
+        + "\n"
+    )
 
     # ------------------------------------------------------------------ shared posterior machinery
     def _prepare(
@@ -611,7 +614,12 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             return (v.index_select(-1, gene_t),)
 
         (v,) = self._posterior(
-            adata, indices, n_samples, batch_size, fn, sample_pi=not _mean_only(velo_statistic, n_samples, return_mean)
+            adata,
+            indices,
+            n_samples,
+            batch_size,
+            fn,
+            sample_pi=not _mean_only(velo_statistic, n_samples, return_mean),
         )
         return self._format(
             v, n_samples, return_mean, return_numpy, adata.obs_names[indices], adata.var_names[genes]
@@ -661,14 +669,17 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         type is :class:`~pandas.DataFrame` unless ``return_numpy`` is True.
         """
         adata, indices, genes = self._prepare(adata, indices, gene_list, n_samples, batch_size)
-        if restrict_to_latent_dim is not None:
-            if isinstance(restrict_to_latent_dim, bool) or not (
-                isinstance(restrict_to_latent_dim, (int, np.integer)) and 0 <= restrict_to_latent_dim < self.n_latent
-            ):
-                raise ValueError(
-                    f"restrict_to_latent_dim must be an integer in [0, {self.n_latent}), "
-                    f"got {restrict_to_latent_dim!r}."
-                )
+        if restrict_to_latent_dim is not None and (
+            isinstance(restrict_to_latent_dim, bool)
+            or not (
+                isinstance(restrict_to_latent_dim, (int, np.integer))
+                and 0 <= restrict_to_latent_dim < self.n_latent
+            )
+        ):
+            raise ValueError(
+                f"restrict_to_latent_dim must be an integer in [0, {self.n_latent}), "
+                f"got {restrict_to_latent_dim!r}."
+            )
         gene_t = torch.as_tensor(genes, device=self.device)
 
         def fn(tensors, g):
@@ -782,7 +793,7 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self,
         adata: AnnData | None = None,
         n_samples: int = 50,
-        gene_list: Iterable[str] = None,
+        gene_list: Iterable[str] | None = None,
         n_jobs: int = -1,
     ) -> tuple[pd.DataFrame, np.ndarray]:
         """Compute directional uncertainty of RNA velocity.

@@ -8,6 +8,7 @@ so posterior samples are drawn in one batched pass.
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -94,7 +95,9 @@ class _KLDirichlet(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         a, a0 = ctx.saved_tensors
         k = a.shape[-1]
-        grad = (a - ctx.prior) * torch.polygamma(1, a) - ((a0 - k * ctx.prior) * torch.polygamma(1, a0)).unsqueeze(-1)
+        grad = (a - ctx.prior) * torch.polygamma(1, a) - (
+            (a0 - k * ctx.prior) * torch.polygamma(1, a0)
+        ).unsqueeze(-1)
         return grad * grad_out.unsqueeze(-1), None
 
 
@@ -245,7 +248,7 @@ class VELOVAE(BaseModuleClass):
     use_layer_norm
         Where to use layer norm: ``'none'``, ``'encoder'``, ``'decoder'`` or ``'both'``.
     var_activation
-        Callable used to ensure positivity of the variational distributions' variance.
+        Callable used to ensure positivity of the variational distributions' variance (default: softplus).
     t_max
         Largest latent time (the switch time is clamped to ``[0, t_max]``).
     penalty_scale
@@ -273,7 +276,7 @@ class VELOVAE(BaseModuleClass):
         latent_distribution: str = "normal",
         use_batch_norm: str = "both",
         use_layer_norm: str = "both",
-        var_activation=torch.nn.Softplus(),
+        var_activation=None,
         t_max: float = 20.0,
         penalty_scale: float = 0.2,
         dirichlet_concentration: float = 0.25,
@@ -333,7 +336,7 @@ class VELOVAE(BaseModuleClass):
             distribution=latent_distribution,
             use_batch_norm=use_bn_enc,
             use_layer_norm=use_ln_enc,
-            var_activation=var_activation,
+            var_activation=torch.nn.Softplus() if var_activation is None else var_activation,
             activation_fn=torch.nn.ReLU,
         )
         self.decoder = DecoderVELOVI(
@@ -358,7 +361,13 @@ class VELOVAE(BaseModuleClass):
             lambda_alpha = torch.clamp(F.softplus(self.lambda_alpha_unconstr), 0, 50)
         else:
             alpha_1, lambda_alpha = alpha, torch.zeros_like(alpha)
-        return {"gamma": gamma, "beta": beta, "alpha": alpha, "alpha_1": alpha_1, "lambda_alpha": lambda_alpha}
+        return {
+            "gamma": gamma,
+            "beta": beta,
+            "alpha": alpha,
+            "alpha_1": alpha_1,
+            "lambda_alpha": lambda_alpha,
+        }
 
     def switch_time(self) -> torch.Tensor:
         """Per-gene switch time, ``clamp(softplus(t~), 0, t_max)`` (the same everywhere it is used)."""
@@ -368,7 +377,10 @@ class VELOVAE(BaseModuleClass):
         """Linear decoder loadings ``(n_genes, n_latent)``, batch norm folded in (``linear_decoder=True``)."""
         if not self.decoder.linear_decoder:
             raise ValueError("get_loadings needs linear_decoder=True.")
-        linear, bn = self.decoder.rho_first_decoder.fc_layers[0][0], self.decoder.rho_first_decoder.fc_layers[0][1]
+        linear, bn = (
+            self.decoder.rho_first_decoder.fc_layers[0][0],
+            self.decoder.rho_first_decoder.fc_layers[0][1],
+        )
         w = linear.weight
         if bn is not None:
             w = torch.diag(bn.weight / torch.sqrt(bn.running_var + bn.eps)) @ w
@@ -434,7 +446,12 @@ class VELOVAE(BaseModuleClass):
         qz = Normal(qz_m, qz_v.sqrt(), validate_args=False)
         if n_samples > 1:
             z = qz.rsample((n_samples,))
-        return {MODULE_KEYS.Z_KEY: z, MODULE_KEYS.QZM_KEY: qz_m, MODULE_KEYS.QZV_KEY: qz_v, MODULE_KEYS.QZ_KEY: qz}
+        return {
+            MODULE_KEYS.Z_KEY: z,
+            MODULE_KEYS.QZM_KEY: qz_m,
+            MODULE_KEYS.QZV_KEY: qz_v,
+            MODULE_KEYS.QZ_KEY: qz,
+        }
 
     @auto_move_data
     def generative(self, z, latent_dim: int | None = None, sample_pi: bool = True):
@@ -516,7 +533,9 @@ class VELOVAE(BaseModuleClass):
         )
         return self._reduce_states(times, pi, statistic)
 
-    def velocity(self, generative_outputs: dict, mode: str = "spliced", statistic: str = "mean") -> torch.Tensor:
+    def velocity(
+        self, generative_outputs: dict, mode: str = "spliced", statistic: str = "mean"
+    ) -> torch.Tensor:
         """Per cell-gene ``ds/dt`` (``mode='spliced'``) or ``du/dt``, expected over states or of the MAP state."""
         k, pi = generative_outputs["kinetics"], generative_outputs["px_pi"]
         beta, gamma = k["beta"], k["gamma"]
@@ -580,7 +599,9 @@ class VELOVAE(BaseModuleClass):
         return ll.mean().item() if return_mean else ll
 
     @torch.inference_mode()
-    def sample(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, tensors: dict[str, torch.Tensor], n_samples: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw ``(spliced, unspliced)`` from the posterior predictive; shape ``(n_samples, B, G)``."""
         inp = self._get_inference_input(tensors)
         inf = self.inference(inp["spliced"], inp["unspliced"], n_samples=n_samples)

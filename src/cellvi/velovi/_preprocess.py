@@ -94,7 +94,9 @@ def compute_moments(
         else:
             rep = "X"
     else:
-        tmp = AnnData(obs=pd.DataFrame(index=np.arange(adata.n_obs).astype(str)), obsm={"rep": adata.obsm[use_rep]})
+        tmp = AnnData(
+            obs=pd.DataFrame(index=np.arange(adata.n_obs).astype(str)), obsm={"rep": adata.obsm[use_rep]}
+        )
         rep = "rep"
     sc.pp.neighbors(tmp, n_neighbors=k + 1, use_rep=rep, method="gauss", transformer="sklearn")
     conn = tmp.obsp["connectivities"]
@@ -114,7 +116,12 @@ def compute_moments(
     adata.uns["velovi_neighbors"] = {
         "connectivities_key": "velovi_connectivities",
         "distances_key": "velovi_distances",
-        "params": {"n_neighbors": int(k), "n_pcs": int(n_pcs), "use_rep": use_rep, "normalize": bool(normalize)},
+        "params": {
+            "n_neighbors": int(k),
+            "n_pcs": int(n_pcs),
+            "use_rep": use_rep,
+            "normalize": bool(normalize),
+        },
     }
     return adata
 

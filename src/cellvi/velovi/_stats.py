@@ -79,7 +79,7 @@ def directional_statistics(velocities: np.ndarray, n_jobs: int = 1) -> tuple[pd.
         cos[start : start + step] = np.clip(c, -1.0, 1.0).T
 
     starts = range(0, n_cells, step)
-    workers = (_cpu_count() if n_jobs in (-1, None) else max(1, int(n_jobs)))
+    workers = _cpu_count() if n_jobs in (-1, None) else max(1, int(n_jobs))
     if workers > 1 and len(starts) > 1:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(block, starts))
@@ -135,7 +135,7 @@ def permute_within_groups(X, groups: np.ndarray, rng: np.random.Generator):
                 dense_out[rows, start:stop] = shuffled
     if not is_sparse:
         return dense_out
-    cat = (lambda parts, dt: np.concatenate(parts) if parts else np.empty(0, dtype=dt))
+    cat = lambda parts, dt: np.concatenate(parts) if parts else np.empty(0, dtype=dt)
     return sparse.csr_matrix(
         (cat(pieces_v, X.dtype), (cat(pieces_r, np.int64), cat(pieces_c, np.int64))), shape=X.shape
     )

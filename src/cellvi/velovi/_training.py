@@ -27,7 +27,9 @@ class VELOVITrainingPlan(TrainingPlan):
             params = list(params)
             devices = {p.device.type for p in params}
             fused = bool(params) and devices <= {"cpu", "cuda"}
-            return optimizer_cls(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=fused)
+            return optimizer_cls(
+                params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=fused
+            )
 
         return create
 
@@ -65,8 +67,14 @@ class VELOVITrainingPlan(TrainingPlan):
             f"kl_global_{mode}": kl_global,
         }
         name = "train_loss" if mode == "train" else "validation_loss"
-        self.log(name, loss / n_steps, on_step=False, on_epoch=True, prog_bar=mode == "train",
-                 sync_dist=self.use_sync_dist)
+        self.log(
+            name,
+            loss / n_steps,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=mode == "train",
+            sync_dist=self.use_sync_dist,
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=self.use_sync_dist)
 
     def training_step(self, batch, batch_idx):
