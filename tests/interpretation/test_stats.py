@@ -147,6 +147,9 @@ def test_explained_variance_permutation_shortcut_equals_brute_force_mse():
         return (1 + (mse_perm <= mse_obs[None] + 1e-9).sum(0)) / (1 + n_perm)
 
     np.testing.assert_allclose(p_gram[0], brute(n_perm))
+    # a random subset of the cells: still a valid test, p-values from the same permutation grid
+    p_sub = _permutation_pvalues(proj_r, proj_x, labels, 1, n_perm, 7, False, max_cells=20)
+    assert p_sub[0, 0] == pytest.approx(1 / 51) and np.allclose(p_sub * 51, np.round(p_sub * 51))
     np.testing.assert_allclose(p_gather[0], brute(1))
     assert p_gram[0, 0] == pytest.approx(1 / 51) and p_gram[0, 2] > 0.05
 
