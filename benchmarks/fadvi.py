@@ -81,7 +81,11 @@ def _inner(args) -> None:
     from cellvi.fadvi import FADVI as CellFADVI
     from cellvi.fadvi import probe_latents
 
-    import fadvi  # noqa: E402  (imports after cellvi; it changes the global warning filters)
+    # this script is itself named fadvi.py: drop its folder from the path to import the package
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    sys.modules.pop("fadvi", None)
+    import fadvi  # noqa: E402  (imported after cellvi; it changes the global warning filters)
 
     adata = simulate_batches(
         n_cells=args.n_cells, n_genes=args.n_genes, n_batches=3, n_labels=6, unlabeled_fraction=0.3, seed=args.seed
