@@ -340,6 +340,7 @@ def test_explained_variance_permutation_test_options_and_plots(model, expl_var, 
 # ---------------------------------------------------------------------------- attention patterns
 def test_attention_patterns_flavours_schema_and_save(model, tmp_path):
     van = AMICIAttentionModule.compute(model, prog_bar=False)
+    assert van._labels_key == "cell_type" and van._flavor == "vanilla"
     df = van.attention_patterns
     n, H = model.adata.n_obs, SMALL["n_heads"]
     assert list(df.columns) == [*(f"neighbor_{k}" for k in range(K)), "head_idx", "label", "cell_idx"]

@@ -146,7 +146,7 @@ class AMICIAblationModule:
             "ablated_neighbor_indices": None if ablated_neighbor_indices is None else list(ablated_neighbor_indices),
             "compute_z_value": compute_z_value,
         }
-        return cls(data.adata, _labels_key=None, _ablation_scores_df=df, _compute_kwargs=kwargs, _cell_types=data.categories)
+        return cls(data.adata, _labels_key=data.labels_key, _ablation_scores_df=df, _compute_kwargs=kwargs, _cell_types=data.categories)
 
     # ------------------------------------------------------------------ accessors
     @property

@@ -46,7 +46,9 @@ class ModelData:
         self.var_names = pd.Index(adata.var_names)
         labels = np.asarray(manager.get_from_registry(KEYS.LABELS)).reshape(-1).astype(np.int64)
         self.labels = labels
-        self.categories = np.asarray(manager.get_state_registry(KEYS.LABELS).categorical_mapping).astype(str)
+        state = manager.get_state_registry(KEYS.LABELS)
+        self.categories = np.asarray(state.categorical_mapping).astype(str)
+        self.labels_key = state.get("original_key")
         self.nn_idx = np.asarray(manager.get_from_registry(KEYS.NN_IDX)).astype(np.int64)
         self.nn_dist = np.asarray(manager.get_from_registry(KEYS.NN_DIST), dtype=np.float32)
         self.device = next(self.module.parameters()).device

@@ -127,7 +127,7 @@ class AMICIAttentionModule:
         att = torch.cat(parts).numpy() if parts else np.zeros((0, data.n_heads, data.n_neighbors), np.float32)
         if len(idx):  # back to the order of ``indices`` (repeated indices have identical rows)
             att = att[_inverse_order(idx, order)]
-        obj = cls(data.adata, _compute_kwargs={"indices": indices, "batch_size": batch_size, "flavor": flavor},
+        obj = cls(data.adata, _labels_key=data.labels_key, _compute_kwargs={"indices": indices, "batch_size": batch_size, "flavor": flavor},
                   _flavor=flavor)
         obj._set_arrays(att, data.labels[idx], data.labels[data.nn_idx[idx]], data.nn_dist[idx], data.categories,
                         data.obs_names[idx], data.obs_names, data.nn_idx[idx])
