@@ -135,6 +135,8 @@ def test_setup_errors_name_the_argument(tissue):
     a = tissue.copy()
     with pytest.raises(ValueError, match="labels_key"):
         AMICI.setup_anndata(a, coord_obsm_key="spatial")
+    with pytest.raises(ValueError, match="view"):
+        AMICI.setup_anndata(a[:100], labels_key="cell_type", coord_obsm_key="spatial")
     with pytest.raises(ValueError, match="coord_obsm_key='xy'"):
         AMICI.setup_anndata(a, labels_key="cell_type", coord_obsm_key="xy")
     with pytest.raises(ValueError, match="n_neighbors"):
@@ -162,6 +164,20 @@ def test_heldout_region_reconstruction_beats_cell_type_means(trained, tissue):
     rec = model.get_reconstruction_error(full, indices=held_out)["reconstruction_loss"]
     assert float(rec) == pytest.approx(model_err, rel=1e-4)
     assert float(model.get_elbo(full, indices=held_out)) == pytest.approx(-model_err, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_no_planted_effect_gives_no_improvement_over_type_means():
+    # calibration: without interactions the neighbours carry no information on the receiver's expression
+    # (a model that leaked the receiver's own expression into its prediction would fail this)
+    scvi.settings.seed = 0
+    null = simulate_spatial(n_cells=1500, n_genes=80, interactions=None, seed=4)
+    x = null.obsm["spatial"][:, 0]
+    left = x < np.quantile(x, 0.8)
+    model = AMICI(_setup(null[left].copy()), **SMALL)
+    model.train(max_epochs=15, enable_progress_bar=False)
+    model_err, base_err = heldout_errors(model, null.copy(), np.flatnonzero(~left))
+    assert model_err > 0.99 * base_err, (model_err, base_err)
 
 
 def test_attention_finds_planted_senders_not_decoy(trained, tissue):

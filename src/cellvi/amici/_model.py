@@ -162,6 +162,8 @@ class AMICI(VAEMixin, BaseModelClass):
             Passed to :meth:`~scvi.data.AnnDataManager.register_fields`.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        if adata.is_view:
+            raise ValueError("adata is a view (e.g. adata[mask]); pass adata[mask].copy(): set-up writes to adata.obsm.")
         if labels_key is None:
             raise ValueError("labels_key is required: the adata.obs column holding the cell types.")
         check_obs_key(adata, labels_key, "labels_key")

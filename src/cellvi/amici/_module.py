@@ -8,7 +8,8 @@ each (the ``K`` nearest cells of *another* type), over ``G`` genes, ``C`` types 
   -> ``nn_embed`` -> ``u_j`` -> per-head key ``k_hj`` and value ``v_hj``;
 * distance-kernel coefficient ``beta_hj = softplus(f_h(u_j, e_c) + pos_coef_offset) > 0``; the first
   layer of ``f`` is split into a per-neighbour part and a per-type part, so only a LayerNorm and one
-  small linear layer run per (receiver, neighbour) pair;
+  small linear layer run, once per unique (neighbour cell, receiver type) pair of the minibatch (the
+  base score ``q . k`` likewise: queries depend on the receiver's type only);
 * attention score ``l_hj = q_h . k_hj / sqrt(n_head_size) - beta_hj * d_j / distance_kernel_unit_scale``,
   plus a dummy "no interaction" key with fixed score ``attention_dummy_score`` and value 0; softmax over the
   ``K + 1`` entries gives ``a_hj``;
