@@ -77,6 +77,18 @@ def _standardise(z: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
     return (z - z.mean(0, keepdim=True)) / z.std(0, keepdim=True).clamp(min=eps)
 
 
+def _group_standardise(z: torch.Tensor, group: torch.Tensor, n_groups: int, eps: float = 1e-2) -> torch.Tensor:
+    """Centre every column within each group (minibatch group means) and scale by the pooled within-group std."""
+    if z.shape[0] < 2:
+        return z - z.detach()
+    onehot = F.one_hot(group, max(1, n_groups)).to(z.dtype)
+    counts = onehot.sum(0)
+    means = (onehot.T @ z) / counts.clamp(min=1).unsqueeze(-1)
+    zc = z - onehot @ means
+    dof = max(1, z.shape[0] - int((counts > 0).sum()))
+    return zc / (zc.pow(2).sum(0, keepdim=True) / dof).sqrt().clamp(min=eps)
+
+
 def _class_mean_spread(z: torch.Tensor, target: torch.Tensor, n_classes: int, mask: torch.Tensor | None):
     """Between-class variance of a standardised block: ``sum_c w_c ||mean_c(z) - mean(z)||^2``."""
     if mask is not None:
@@ -463,16 +475,21 @@ class FADVAE(BaseModuleClass):
         adv_terms = {}
         adv_total = zb.new_zeros(())
         # The adversaries see posterior means (what users embed and probe; sampling noise would
-        # hide a leak that a probe of the means still finds), with the block's own factor removed
-        # (z_b - m_s, z_l - m_y) and standardised over the minibatch as a probe would: shrinking a
-        # leaked signal does not hide it, and z_l may keep what batch composition implies.
-        mb = _standardise(qb.loc - self.prior_mean_b.T[s].detach())
-        ml = _standardise(ql_.loc - (resp @ m_l).detach())
-        mr = _standardise(qr.loc)
+        # hide a leak that a probe of the means still finds). z_b is centred within each batch and
+        # z_l within each label (minibatch group means), then scaled by the pooled within-group
+        # std: the leak a probe finds is the small within-group variation (a nearest-neighbour
+        # probe works inside one tight batch cluster whatever its scale), and it must be measured
+        # at its own scale, not drowned by the between-group spread. This is conditional
+        # independence (z_b of the label given the batch, z_l of the batch given the label), so
+        # what batch composition implies about labels stays allowed when batch and label are
+        # confounded.
         K, B = max(1, self.n_labels), self.n_batch
+        y_all = torch.where(labeled, y_safe, resp.argmax(-1))
+        mb = _group_standardise(qb.loc, s, B)
+        ml = _group_standardise(ql_.loc, y_all, K)
+        mr = _standardise(qr.loc)
         # linear leakage is measured within each (label, batch) cell of the table: z_l must not
         # differ between batches within a label, nor z_b between labels within a batch
-        y_all = torch.where(labeled, y_safe, resp.argmax(-1))
         joint = y_all * B + s
         spread = {
             # between (label, batch) cells minus between batches = labels within batches
