@@ -85,8 +85,11 @@ class AmbientMixture(Distribution):
         """Mixture probability of each feature, ``(1 - rho) f + rho a``."""
         return torch.addcmul(self.noise_ratio * self.ambient, 1 - self.noise_ratio, self.scale)
 
-    def log_prob_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """``log_prob(value)`` summed over features (what the loss needs; subclasses do it faster)."""
+    def log_prob_sum(self, value: torch.Tensor, log_comb_sum: torch.Tensor | None = None) -> torch.Tensor:
+        """``log_prob(value)`` summed over features (what the loss needs; subclasses do it faster).
+
+        ``log_comb_sum`` is the Binomial's precomputed per-cell constant; other likelihoods ignore it.
+        """
         return self.log_prob(value).sum(-1)
 
     @property
@@ -176,14 +179,17 @@ class AmbientBinomial(AmbientMixture):
         # the normalising constant depends on the data only (no gradient flows through it)
         return self._log_comb(value) + value * lp + (self.library - value) * lq
 
-    def log_prob_sum(self, value: torch.Tensor) -> torch.Tensor:
+    def log_prob_sum(self, value: torch.Tensor, log_comb_sum: torch.Tensor | None = None) -> torch.Tensor:
+        """``log_prob(value)`` summed over features.
+
+        ``log_comb_sum``, shape ``(n_cells, 1)`` or ``(n_cells,)``: the data-only constant
+        ``sum_g log C(n, x_g)`` of each cell when precomputed (SCAR registers it at setup), so the
+        step does not evaluate it per feature; computed here otherwise.
+        """
         lp, lq = self._logs()
         # sum_g x log p + (n - x) log(1 - p) = sum_g x (log p - log(1 - p)) + n sum_g log(1 - p)
-        return (
-            (value * (lp - lq)).sum(-1)
-            + self.library[..., 0] * lq.sum(-1)
-            + self._log_comb(value).sum(-1)
-        )
+        const = self._log_comb(value).sum(-1) if log_comb_sum is None else log_comb_sum.reshape(value.shape[-2])
+        return (value * (lp - lq)).sum(-1) + self.library[..., 0] * lq.sum(-1) + const
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
@@ -203,7 +209,7 @@ class AmbientPoisson(AmbientMixture):
         lf = self.log_factorial.log_factorial(value) if self.log_factorial is not None else torch.lgamma(value + 1)
         return value * torch.log(mu + _EPS) - mu - lf
 
-    def log_prob_sum(self, value: torch.Tensor) -> torch.Tensor:
+    def log_prob_sum(self, value: torch.Tensor, log_comb_sum: torch.Tensor | None = None) -> torch.Tensor:
         # sum_g mu_g = library (probs sum to 1): no need to materialise the sum of mu
         lf = self.log_factorial.log_factorial(value) if self.log_factorial is not None else torch.lgamma(value + 1)
         return (value * torch.log(self.mu + _EPS) - lf).sum(-1) - self.library[..., 0] * self.probs.sum(-1)

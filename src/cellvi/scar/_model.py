@@ -26,8 +26,10 @@ from cellvi._validation import (
     get_matrix,
     layer_arg,
 )
+from cellvi.dataloaders import DataPathMixin, make_data_loader
 
 from . import _assign, _profile
+from ._fields import LogBinomialConstantField
 from ._module import SCARModule
 from ._training import SCARTrainingPlan
 
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class SCAR(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Ambient RNA removal in scRNA-seq data :cite:p:`Sheng22`.
 
     Each cell is a mixture of native expression and ambient RNA,
@@ -101,6 +103,7 @@ class SCAR(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
     _module_cls = SCARModule
     _training_plan_cls = SCARTrainingPlan
+    _data_loader_cls = staticmethod(make_data_loader)
 
     def __init__(
         self,
@@ -165,7 +168,9 @@ class SCAR(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         A mapping will be created between data fields used by this model to their respective
         locations in adata. None of the data in adata are modified. Only adds fields to adata.
         The counts are checked first (chunked, sparse stays sparse): they must be finite,
-        non-negative integers and every cell must have at least one count.
+        non-negative integers and every cell must have at least one count. The Binomial's data-only
+        constant ``sum_g log C(n_c, x_cg)`` of each cell is computed once (on the non-zeros) and
+        written to ``adata.obs['_scar_log_binom']``, so training does not evaluate it per gene.
 
         Parameters
         ----------
@@ -204,6 +209,7 @@ class SCAR(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
             NumericalObsField(REGISTRY_KEYS.SIZE_FACTOR_KEY, size_factor_key, required=False),
+            LogBinomialConstantField(layer),
         ]
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)

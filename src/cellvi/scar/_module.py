@@ -14,6 +14,7 @@ from torch.distributions import Normal
 from torch.distributions import kl_divergence as kl
 
 from ._components import LIKELIHOODS, AmbientMixture, LogFactorial, SparseSoftplus
+from ._fields import LOG_BINOM_KEY
 
 
 class SCARDecoder(nn.Module):
@@ -269,7 +270,9 @@ class SCARModule(BaseModuleClass):
     def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0) -> LossOutput:
         """Negative ELBO: the mixture's negative log-likelihood plus the weighted KL of ``z``."""
         x = tensors[REGISTRY_KEYS.X_KEY]
-        reconst_loss = -generative_outputs["px"].log_prob_sum(x)
+        # the Binomial's data-only constant, registered per cell at setup (absent: computed per gene)
+        log_comb_sum = tensors.get(LOG_BINOM_KEY) if self.gene_likelihood == "b" else None
+        reconst_loss = -generative_outputs["px"].log_prob_sum(x, log_comb_sum)
         kl_z = kl(inference_outputs["qz"], generative_outputs["pz"]).sum(-1)
         loss = torch.mean(reconst_loss + kl_weight * kl_z)
         return LossOutput(loss=loss, reconstruction_loss=reconst_loss, kl_local={"kl_divergence_z": kl_z})
