@@ -102,6 +102,27 @@ def _class_mean_spread(z: torch.Tensor, target: torch.Tensor, n_classes: int, ma
     return ((counts / z.shape[0]).unsqueeze(-1) * means.pow(2)).sum()
 
 
+def zinb_log_prob(x, mu, theta, zi_logits, eps: float = 1e-8) -> torch.Tensor:
+    """ZINB log-likelihood per entry, equal to scvi-tools' ``log_zinb_positive``.
+
+    Cheaper than the distribution object on the training path: no support validation (a
+    ``remainder`` over the whole minibatch), ``lgamma``/``log`` of a gene-wise ``theta`` taken once
+    per gene rather than per entry, and one ``where`` instead of two masked products.
+    """
+    log_theta_mu = torch.log(theta + mu + eps)
+    pi_theta_log = -zi_logits + theta * (torch.log(theta + eps) - log_theta_mu)
+    with torch.no_grad():
+        lgamma_x1 = torch.lgamma(x + 1)
+    non_zero = (
+        pi_theta_log
+        + x * (torch.log(mu + eps) - log_theta_mu)
+        + torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - lgamma_x1
+    )
+    return torch.where(x > eps, non_zero, F.softplus(pi_theta_log)) - F.softplus(-zi_logits)
+
+
 def cross_covariance_penalty(zs: list[torch.Tensor]) -> torch.Tensor:
     """Sum over pairs of blocks of the squared Frobenius norm of their cross-covariance."""
     n = zs[0].shape[-2]
@@ -410,6 +431,10 @@ class FADVAE(BaseModuleClass):
         pz = Normal(torch.zeros_like(z), torch.ones_like(z))
         return {MODULE_KEYS.PX_KEY: px, MODULE_KEYS.PL_KEY: pl, MODULE_KEYS.PZ_KEY: pz}
 
+    def _theta_for_loss(self, px) -> torch.Tensor:
+        """The dispersion: gene-wise ``(G,)`` kept unbroadcast for ``dispersion='gene'``."""
+        return torch.exp(self.px_r) if self.dispersion == "gene" else px.theta
+
     def _library_prior(self, batch_index):
         idx = batch_index.reshape(-1).long()
         return self.library_log_means.reshape(-1)[idx].unsqueeze(-1), self.library_log_vars.reshape(-1)[idx].unsqueeze(-1)
@@ -441,7 +466,10 @@ class FADVAE(BaseModuleClass):
         labeled, y_safe = self.label_classes(tensors[REGISTRY_KEYS.LABELS_KEY])
 
         px = generative_outputs[MODULE_KEYS.PX_KEY]
-        reconst = -px.log_prob(x).sum(-1)
+        if self.gene_likelihood == "zinb":
+            reconst = -zinb_log_prob(x, px.mu, self._theta_for_loss(px), px.zi_logits).sum(-1)
+        else:
+            reconst = -px.log_prob(x).sum(-1)
 
         qb, ql_, qr = inference_outputs["qz_b"], inference_outputs["qz_l"], inference_outputs["qz_r"]
         zb, zl, zr = inference_outputs["z_b"], inference_outputs["z_l"], inference_outputs["z_r"]
