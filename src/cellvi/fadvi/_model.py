@@ -70,7 +70,7 @@ class FADVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseM
       ``z_r`` (two more adversaries plus their squared correlations).
     - **Deterministic encoders** (LayerNorm, no dropout): training sees the embedding users get.
       With BatchNorm running statistics or dropout, leaks hidden from the adversaries during
-      training reappear at inference. ``dropout_rate`` applies to the classifier heads.
+      training reappear at inference. ``dropout_rate`` applies to the supervised heads (the adversaries, like a probe, have none).
     - The supervised heads read posterior means, as :meth:`predict` does. Posterior means for
       embeddings and predictions (deterministic), covariates passed correctly, ``size_factor_key``
       and ``gene-label`` dispersion honoured, ``transform_batch`` as a real counterfactual (``z_b``
@@ -93,7 +93,7 @@ class FADVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseM
     n_layers
         Number of hidden layers used for encoder and decoder NNs.
     dropout_rate
-        Dropout rate for neural networks (the classifier heads; the encoders run without dropout).
+        Dropout rate for neural networks (the supervised classifier heads; the encoders and adversaries run without dropout).
     dispersion
         One of the following:
 

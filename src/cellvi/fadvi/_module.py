@@ -295,7 +295,14 @@ class FADVAE(BaseModuleClass):
             "adv_res_from_b": (n_latent_b, n_latent_r),
             "adv_res_from_l": (n_latent_l, n_latent_r),
         }
-        self.heads = nn.ModuleDict({k: _Head(i, o, n_hidden, dropout_rate) for k, (i, o) in heads.items()})
+        # adversaries without dropout: they stand in for a fresh probe, which has none (and a noisy
+        # adversary lets a leak through that a probe still finds; measured on confounded data)
+        self.heads = nn.ModuleDict(
+            {
+                k: _Head(i, o, n_hidden, 0.0 if k.startswith("adv_") else dropout_rate)
+                for k, (i, o) in heads.items()
+            }
+        )
 
     # ------------------------------------------------------------------ inputs
     def _get_inference_input(self, tensors, full_forward_pass: bool = False):
