@@ -91,3 +91,25 @@ def test_data_path_rejects_unknown(adata_setup):
     model = cellvi.SCAR(adata_setup)
     with pytest.raises(ValueError, match="data_path"):
         model.train(max_epochs=1, enable_progress_bar=False, data_path="nope")
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (3, 6, 9)])
+def test_binomial_kernel_value_and_gradient(shape):
+    """The fused Binomial term equals the composed expression, and so does its hand-written gradient."""
+    from cellvi.scar._components import _EPS, _BinomialKernel
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(*shape, generator=gen, dtype=torch.float64), -1).requires_grad_()
+    x = torch.poisson(torch.full(shape[-2:], 3.0, dtype=torch.float64), generator=gen)
+    n = x.sum(-1, keepdim=True).expand(*shape[:-1], 1)
+
+    def composed(p):
+        return (x * torch.log(p + _EPS) + (n - x) * torch.log1p(-p + _EPS)).sum(-1)
+
+    out = _BinomialKernel.apply(p, x, n)
+    torch.testing.assert_close(out, composed(p))
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    (fused,) = torch.autograd.grad(out, p, g)
+    (ref,) = torch.autograd.grad(composed(p), p, g)
+    torch.testing.assert_close(fused, ref)
+    assert torch.autograd.gradcheck(lambda q: _BinomialKernel.apply(q, x, n), (p,))

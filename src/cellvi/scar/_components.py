@@ -159,6 +159,33 @@ class LogFactorial:
             return t[x.to(torch.int64)].to(x.dtype)
 
 
+class _BinomialKernel(torch.autograd.Function):
+    r"""``sum_g x_g log(p_g + eps) + (n - x_g) log(1 - p_g + eps)`` per cell, with a hand-written gradient.
+
+    The same value as the composed tensor expression, but the backward pass is one fused
+    expression ``x / (p + eps) - (n - x) / (1 - p + eps)`` instead of autograd's chain of
+    element-wise nodes over the ``(cells, genes)`` matrix (a large part of a SCAR step).
+    """
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        lq = torch.log1p(torch.neg(p).add_(_EPS))
+        lpq = torch.log(p + _EPS).sub_(lq)
+        # sum_g x log p + (n - x) log(1 - p) = sum_g x (log p - log(1 - p)) + n sum_g log(1 - p)
+        out = (x * lpq).sum(-1) + n[..., 0] * lq.sum(-1)
+        ctx.save_for_backward(p, x, n)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        p, x, n = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        d = x / (p + _EPS)
+        d.sub_((n - x).div_(torch.neg(p).add_(1.0 + _EPS)))
+        return d.mul_(grad.unsqueeze(-1)), None, None
+
+
 class AmbientBinomial(AmbientMixture):
     """Per-feature Binomial with the exact integer library as total count."""
 
@@ -186,10 +213,8 @@ class AmbientBinomial(AmbientMixture):
         ``sum_g log C(n, x_g)`` of each cell when precomputed (SCAR registers it at setup), so the
         step does not evaluate it per feature; computed here otherwise.
         """
-        lp, lq = self._logs()
-        # sum_g x log p + (n - x) log(1 - p) = sum_g x (log p - log(1 - p)) + n sum_g log(1 - p)
         const = self._log_comb(value).sum(-1) if log_comb_sum is None else log_comb_sum.reshape(value.shape[-2])
-        return (value * (lp - lq)).sum(-1) + self.library[..., 0] * lq.sum(-1) + const
+        return _BinomialKernel.apply(self.probs, value, self.library) + const
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
         with torch.no_grad():
