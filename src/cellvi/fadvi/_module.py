@@ -177,6 +177,11 @@ class FADVAE(BaseModuleClass):
         Extra KL weight on ``z_b`` and ``z_l`` relative to ``z_r``.
     """
 
+    # the label-from-z_b leak is the hardest to remove (z_b's encoder sees the counts, which carry
+    # the label strongly): its encoder-side term weighs 5x (measured on three confounded
+    # simulations: label from z_b 0.70-0.72 -> 0.35-0.45 balanced accuracy)
+    _ADV_BOOST = {"bl": 5.0}
+
     def __init__(
         self,
         n_input: int,
@@ -549,7 +554,7 @@ class FADVAE(BaseModuleClass):
             adv_terms[key] = ce
             # the head's own loss is scaled too: it only reaches the head (detached input), and
             # keeps the adversary learning as fast as the encoders move despite Adam's eps
-            adv_total = adv_total + self.adversary_scale * (ce + self.alpha[key] * gap)
+            adv_total = adv_total + self.adversary_scale * (ce + self._ADV_BOOST.get(key, 1.0) * self.alpha[key] * gap)
         # residual adversaries: z_r is the residual, so neither z_b nor z_l may predict it
         target_r = mr.detach()
         for key, head_name, z in (("br", "adv_res_from_b", mb), ("lr", "adv_res_from_l", ml)):
