@@ -113,3 +113,15 @@ def test_binomial_kernel_value_and_gradient(shape):
     (ref,) = torch.autograd.grad(composed(p), p, g)
     torch.testing.assert_close(fused, ref)
     assert torch.autograd.gradcheck(lambda q: _BinomialKernel.apply(q, x, n), (p,))
+
+
+def test_second_train_call_trains_in_training_mode(adata_setup):
+    """scvi leaves the module in eval mode; a second ``train`` must still update batch-norm statistics."""
+    scvi.settings.seed = 0
+    model = cellvi.SCAR(adata_setup)
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    bn = next(m for m in model.module.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    before = bn.running_mean.clone()
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    assert not torch.equal(bn.running_mean, before)
+    assert not model.module.training  # scvi's convention after training is kept

@@ -42,6 +42,14 @@ class SCARTrainingPlan(TrainingPlan):
 
         return create
 
+    def on_fit_start(self) -> None:
+        """Put the module in training mode.
+
+        scvi-tools leaves the module in eval mode after ``train``, and Lightning (>= 2.4) keeps each
+        submodule's mode, so a second ``train`` call would otherwise train with batch norm frozen.
+        """
+        self.module.train()
+
     def on_train_epoch_start(self) -> None:
         self._epoch_sums = None
 
