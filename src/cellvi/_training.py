@@ -1,0 +1,149 @@
+"""Shared training plan: scvi-tools' :class:`~scvi.train.TrainingPlan` with metrics logged once per epoch.
+
+Every cellvi model that trains with one optimizer on an ELBO-style :class:`~scvi.module.base.LossOutput`
+uses :class:`EpochMetricsTrainingPlan` (or a subclass that only changes defaults).
+"""
+
+from __future__ import annotations
+
+import torch
+from scvi.module.base import LossOutput
+from scvi.train import TrainingPlan
+
+#: Fixed slots of the per-epoch sums, before the extra metrics of the loss.
+_SLOTS = ("loss", "reconstruction", "kl_local", "kl_global", "n_obs", "n_steps", "ce", "correct", "n_labeled")
+
+
+class EpochMetricsTrainingPlan(TrainingPlan):
+    """:class:`scvi.train.TrainingPlan` that accumulates its metrics on the device and logs them per epoch.
+
+    scvi-tools' plan logs every metric through Lightning on every step (about 1.5 ms per metric on a
+    CPU, as much as a whole forward and backward pass of a small model). This plan keeps running sums
+    in one tensor and logs, once per epoch, the same names with the same epoch values:
+    ``train_loss``, ``elbo_train``, ``reconstruction_loss_train``, ``kl_local_train``,
+    ``kl_global_train``, every 0-d extra metric of the loss as ``<key>_train``, and, when the loss
+    carries a classification term, ``classification_loss_train`` and ``accuracy_train`` on the
+    labeled cells; the ``validation`` counterparts; and ``kl_weight``. ``model.history``, early
+    stopping and the progress bar work as with scvi-tools' plan. Losses, optimisers, KL warm-up and
+    learning-rate schedulers are scvi-tools'.
+
+    Two further differences, neither of which changes what is optimised:
+
+    - Adam / AdamW use PyTorch's fused kernel on CPU and CUDA parameters (the same update in one
+      pass over the parameters; unfused Adam costs several milliseconds per step on a CPU).
+    - The module is put in training mode when fitting starts. scvi-tools leaves it in eval mode after
+      ``train``, and Lightning (>= 2.4) keeps each submodule's mode, so a second ``train`` call would
+      otherwise train with batch norm and dropout frozen.
+    """
+
+    def __init__(self, module, **kwargs):
+        super().__init__(module, **kwargs)
+        self._sums: dict[str, torch.Tensor | None] = {"train": None, "validation": None}
+        self._extra_keys: dict[str, list[str]] = {"train": [], "validation": []}
+
+    def _optimizer_creator_fn(self, optimizer_cls):
+        """Adam / AdamW with the plan's settings, fused on CPU and CUDA parameters (the same update)."""
+
+        def create(params):
+            params = list(params)
+            fused = bool(params) and all(
+                p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
+            )
+            return optimizer_cls(
+                params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=fused or None
+            )
+
+        return create
+
+    def on_fit_start(self) -> None:
+        """Put the module in training mode (a second ``train`` call must not train it frozen)."""
+        self.module.train()
+
+    @torch.no_grad()
+    def _accumulate(self, mode: str, out: LossOutput) -> None:
+        loss = out.loss.detach()
+        dev = loss.device
+        n = torch.as_tensor(float(out.n_obs_minibatch), device=dev)
+        extra_keys = [
+            k
+            for k in out.extra_metrics_keys
+            if isinstance(out.extra_metrics[k], torch.Tensor) and out.extra_metrics[k].dim() == 0
+        ]
+        zero = torch.zeros((), device=dev)
+        if out.classification_loss is not None and out.logits is not None and out.true_labels is not None:
+            labels = out.true_labels.reshape(-1)
+            n_lab = torch.as_tensor(float(labels.shape[0]), device=dev)
+            ce = out.classification_loss.detach() * n_lab
+            correct = (out.logits.argmax(-1) == labels).float().sum()
+        else:
+            n_lab = ce = correct = zero
+        values = torch.stack(
+            [
+                loss * n,
+                out.reconstruction_loss_sum.detach(),
+                out.kl_local_sum.detach(),
+                torch.as_tensor(out.kl_global_sum, device=dev).detach(),
+                n,
+                torch.ones((), device=dev),
+                ce,
+                correct,
+                n_lab,
+                *[out.extra_metrics[k].detach() * n for k in extra_keys],
+            ]
+        ).float()
+        prev = self._sums[mode]
+        if prev is None or prev.shape != values.shape:
+            self._sums[mode] = values
+            self._extra_keys[mode] = extra_keys
+        else:
+            self._sums[mode] = prev + values
+
+    def _log_epoch(self, mode: str) -> None:
+        sums = self._sums[mode]
+        self._sums[mode] = None
+        if sums is None:
+            return
+        loss, rec, kl_local, kl_global, n_obs, n_steps, ce, correct, n_lab = sums[: len(_SLOTS)]
+        kl_global = kl_global / n_steps
+        n_total = self.n_obs_training if mode == "train" else self.n_obs_validation
+        n_total = 1 if not n_total or n_total < 1 else n_total
+        metrics = {
+            f"elbo_{mode}": (rec + kl_local) / n_obs + kl_global / n_total,
+            f"reconstruction_loss_{mode}": rec / n_obs,
+            f"kl_local_{mode}": kl_local / n_obs,
+            f"kl_global_{mode}": kl_global,
+        }
+        extras = zip(self._extra_keys[mode], sums[len(_SLOTS) :], strict=True)
+        metrics.update({f"{k}_{mode}": v / n_obs for k, v in extras})
+        if float(n_lab) > 0:
+            metrics[f"classification_loss_{mode}"] = ce / n_lab
+            metrics[f"accuracy_{mode}"] = correct / n_lab
+        kw = {"on_step": False, "on_epoch": True, "sync_dist": self.use_sync_dist}
+        name = "train_loss" if mode == "train" else "validation_loss"
+        self.log(name, loss / n_obs, prog_bar=mode == "train", **kw)
+        self.log_dict(metrics, **kw)
+
+    def training_step(self, batch, batch_idx):
+        """Forward, loss, accumulate the metrics (logged at the end of the epoch)."""
+        if "kl_weight" in self.loss_kwargs:
+            self.loss_kwargs["kl_weight"] = self.kl_weight
+        _, _, out = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        self._accumulate("train", out)
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        """Forward, loss, accumulate the metrics (logged at the end of the epoch)."""
+        _, _, out = self.forward(batch, loss_kwargs=self.loss_kwargs)
+        self._accumulate("validation", out)
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's training metrics and the KL weight reached."""
+        if "kl_weight" in self.loss_kwargs:
+            self.log("kl_weight", float(self.loss_kwargs["kl_weight"]), on_step=False, on_epoch=True)
+        self._log_epoch("train")
+        super().on_train_epoch_end()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the epoch's validation metrics (early stopping reads ``elbo_validation``)."""
+        self._log_epoch("validation")
+        super().on_validation_epoch_end()

@@ -1,0 +1,56 @@
+"""The shared training plan: per-epoch metrics with scvi-tools' names, train mode on every fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+import cellvi
+
+
+class _ModeProbe(Callback):
+    """Records whether every submodule is in training mode at each training step."""
+
+    def __init__(self):
+        self.all_training: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.all_training.append(all(m.training for m in pl_module.module.modules()))
+
+
+def _fadvi():
+    adata = cellvi.data.simulate_batches(n_cells=300, n_genes=60, n_batches=2, n_labels=3, seed=1)
+    cellvi.FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels", unlabeled_category="Unknown")
+    return cellvi.FADVI(adata, n_latent_b=4, n_latent_l=4, n_latent_r=4)
+
+
+def _velovi():
+    from cellvi.velovi import compute_moments, preprocess_data
+
+    adata = cellvi.data.simulate_velocity(n_obs=300, n_vars=20, seed=1)
+    compute_moments(adata, n_neighbors=20, normalize=False)
+    adata = preprocess_data(adata, filter_on_r2=False)
+    cellvi.VELOVI.setup_anndata(adata, spliced_layer="Ms", unspliced_layer="Mu")
+    return cellvi.VELOVI(adata)
+
+
+@pytest.mark.parametrize("make_model", [_fadvi, _velovi], ids=["fadvi", "velovi"])
+def test_second_train_call_trains_every_submodule_in_training_mode(make_model):
+    model = make_model()
+    kw = {"max_epochs": 2, "batch_size": 64, "enable_progress_bar": False, "check_val_every_n_epoch": 1}
+    model.train(**kw)
+    assert not model.module.training  # scvi-tools leaves the module in eval mode after training
+    probe = _ModeProbe()
+    model.train(callbacks=[probe], **kw)
+    assert probe.all_training and all(probe.all_training)
+
+    history = model.history
+    for key in ("train_loss", "elbo_train", "reconstruction_loss_train", "kl_local_train", "elbo_validation"):
+        assert key in history, key
+        values = history[key].to_numpy(dtype=float).ravel()
+        assert len(values) == 4 and np.isfinite(values).all(), key  # both calls, one row per epoch
+    # neither model has a global KL term, so the per-cell ELBO is reconstruction + local KL
+    assert np.all(history["kl_global_train"].to_numpy(float) == 0)
+    parts = history["reconstruction_loss_train"].to_numpy(float) + history["kl_local_train"].to_numpy(float)
+    np.testing.assert_allclose(history["elbo_train"].to_numpy(float).ravel(), parts.ravel(), rtol=1e-5)
