@@ -1,0 +1,139 @@
+"""Shared helpers of the benchmark scripts: timing with peak memory, and a JSON report for ``run_all.py``.
+
+Every ``benchmarks/<model>.py`` accepts ``--json PATH`` and, when given, writes a :class:`Report`
+there (atomically) besides printing its figures::
+
+    from _common import Report, measure
+
+    report = Report("scar", settings={"n_cells": 2000, "epochs": 100})
+    m_orig = measure(lambda: original.train(...))
+    m_new = measure(lambda: model.train(...))
+    report.speed("training", cellvi_s=m_new.cpu_s, original_s=m_orig.cpu_s, clock="cpu")
+    report.memory("training", cellvi_mb=m_new.peak_mb, original_mb=m_orig.peak_mb)
+    report.quality("per-cell log1p corr to truth", cellvi=0.95, original=0.79, better="higher")
+    report.write(args.json)
+
+Speeds are ratios ``original / cellvi`` of times measured in the same run on the same data with the same
+settings (``> 1``: cellvi is faster). Peak memory is the largest resident-set growth of the process
+while the call ran, sampled every 10 ms (the operating system's figure: it includes torch's allocator).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _rss_mb() -> float:
+    """Resident set size of this process in MiB (Linux ``/proc``; ``ru_maxrss`` elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+@dataclass
+class Measurement:
+    """What :func:`measure` returns: the call's result, wall and CPU seconds, peak RSS growth in MiB."""
+
+    result: Any
+    wall_s: float
+    cpu_s: float
+    peak_mb: float
+
+
+def measure(fn: Callable[[], Any], interval: float = 0.01) -> Measurement:
+    """Run ``fn()`` and return its result with wall time, process CPU time and peak memory growth."""
+    start = _rss_mb()
+    peak = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval):
+            peak[0] = max(peak[0], _rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        out = fn()
+    finally:
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        done.set()
+        sampler.join()
+    peak[0] = max(peak[0], _rss_mb())
+    return Measurement(out, wall, cpu, max(0.0, peak[0] - start))
+
+
+@dataclass
+class Report:
+    """Figures of one benchmark run, written as JSON for ``benchmarks/run_all.py``."""
+
+    model: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    speeds: list[dict[str, Any]] = field(default_factory=list)
+    memory_rows: list[dict[str, Any]] = field(default_factory=list)
+    qualities: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def speed(self, what: str, cellvi_s: float, original_s: float | None, clock: str = "wall") -> None:
+        """A time of cellvi and of the original (``None`` if the original fails) for the same work."""
+        ratio = None if original_s is None or cellvi_s <= 0 else original_s / cellvi_s
+        self.speeds.append(
+            {"what": what, "clock": clock, "cellvi_s": cellvi_s, "original_s": original_s, "ratio": ratio}
+        )
+
+    def memory(self, what: str, cellvi_mb: float, original_mb: float | None) -> None:
+        """Peak memory growth (MiB) of cellvi and of the original for the same work."""
+        self.memory_rows.append({"what": what, "cellvi_mb": cellvi_mb, "original_mb": original_mb})
+
+    def quality(self, metric: str, cellvi: float, original: float | None, better: str = "higher") -> None:
+        """A ground-truth quality metric; ``better`` is ``"higher"`` or ``"lower"``."""
+        if better not in ("higher", "lower"):
+            raise ValueError(f"better must be 'higher' or 'lower', got {better!r}")
+        self.qualities.append({"metric": metric, "cellvi": cellvi, "original": original, "better": better})
+
+    def note(self, text: str) -> None:
+        """A line shown under the model's table (e.g. what the original could not do)."""
+        self.notes.append(text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "settings": self.settings,
+            "speed": self.speeds,
+            "memory": self.memory_rows,
+            "quality": self.qualities,
+            "notes": self.notes,
+        }
+
+    def write(self, path: str | os.PathLike | None) -> None:
+        """Write the report as JSON to ``path`` atomically (nothing is written when ``path`` is None)."""
+        if path is None:
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.to_dict(), fh, indent=2, default=float)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def add_json_argument(parser) -> None:
+    """Add ``--json PATH`` to a benchmark's argument parser."""
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON to PATH")
