@@ -16,6 +16,7 @@ from pathlib import Path
 SECTIONS: tuple[str, ...] = (
     "scar",
     "amici",
+    "interpretation",
     "velovi",
     "fadvi",
 )

@@ -5,8 +5,25 @@
 - :class:`AttentionPenaltyMonitor` -- Lightning callback ramping the attention-entropy penalty.
 """
 
-from ._callbacks import AttentionPenaltyMonitor
-from ._model import AMICI
-from ._module import AMICIModule
+from __future__ import annotations
 
-__all__ = ["AMICI", "AMICIModule", "AttentionPenaltyMonitor"]
+from importlib import import_module
+
+# Imported on first use, so that ``cellvi amici --help`` does not pay for torch and Lightning.
+_LAZY: dict[str, str] = {
+    "AMICI": "cellvi.amici._model",
+    "AMICIModule": "cellvi.amici._module",
+    "AttentionPenaltyMonitor": "cellvi.amici._callbacks",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cellvi.amici' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

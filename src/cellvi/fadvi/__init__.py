@@ -6,9 +6,27 @@
 - :func:`evaluate_disentanglement` -- leakage between factors measured by fresh probes on held-out cells.
 """
 
-from ._metrics import evaluate_disentanglement, probe_latents
-from ._model import FADVI
-from ._module import FADVAE
-from ._plan import FADVITrainingPlan
+from __future__ import annotations
 
-__all__ = ["FADVI", "FADVAE", "FADVITrainingPlan", "evaluate_disentanglement", "probe_latents"]
+from importlib import import_module
+
+# Imported on first use, so that ``cellvi fadvi --help`` does not pay for torch and Lightning.
+_LAZY: dict[str, str] = {
+    "FADVI": "cellvi.fadvi._model",
+    "FADVAE": "cellvi.fadvi._module",
+    "FADVITrainingPlan": "cellvi.fadvi._plan",
+    "evaluate_disentanglement": "cellvi.fadvi._metrics",
+    "probe_latents": "cellvi.fadvi._metrics",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cellvi.fadvi' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

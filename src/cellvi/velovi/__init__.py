@@ -7,9 +7,27 @@
   CellRank read them.
 """
 
-from ._export import write_velovi_results
-from ._model import VELOVI
-from ._module import VELOVAE
-from ._preprocess import compute_moments, preprocess_data
+from __future__ import annotations
 
-__all__ = ["VELOVAE", "VELOVI", "compute_moments", "preprocess_data", "write_velovi_results"]
+from importlib import import_module
+
+# Imported on first use, so that ``cellvi velovi --help`` does not pay for torch and Lightning.
+_LAZY: dict[str, str] = {
+    "VELOVAE": "cellvi.velovi._module",
+    "VELOVI": "cellvi.velovi._model",
+    "compute_moments": "cellvi.velovi._preprocess",
+    "preprocess_data": "cellvi.velovi._preprocess",
+    "write_velovi_results": "cellvi.velovi._export",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cellvi.velovi' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
