@@ -42,7 +42,10 @@ MODEL_KWARGS = dict(
 def ensure_env() -> Path:
     """The original's environment (built on first use); returns its python."""
     python = ENV / "bin" / "python"
-    if python.exists() and subprocess.run([python, "-c", "import amici"], capture_output=True).returncode == 0:
+    if (
+        python.exists()
+        and subprocess.run([python, "-c", "import amici"], capture_output=True).returncode == 0
+    ):
         return python
     print(f"building {ENV} for amici-st 0.1.0 (once) ...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(ENV)], check=True)
@@ -194,7 +197,9 @@ def main(argv=None) -> int:
         f"{len(train)} training / {len(val)} held-out cells"
     )
     print(f"held-out reconstruction of the cell-type-mean baseline: {baseline:.4f}")
-    print(f"{'implementation':<24}{'s/epoch':>10}{'CPU s/epoch':>13}{'params':>12}{'held-out rec.':>15}{'setup s':>9}")
+    print(
+        f"{'implementation':<24}{'s/epoch':>10}{'CPU s/epoch':>13}{'params':>12}{'held-out rec.':>15}{'setup s':>9}"
+    )
     ref = None
     for r in results:
         name = r["impl"] + (f" eps={r['eps']:g}" if r["eps"] is not None else "")

@@ -49,7 +49,10 @@ def trained(tissue):
 
 # ---------------------------------------------------------------------------- simulator
 def test_simulator_is_seeded_and_documents_truth():
-    a, b = simulate_spatial(n_cells=300, n_genes=60, seed=5), simulate_spatial(n_cells=300, n_genes=60, seed=5)
+    a, b = (
+        simulate_spatial(n_cells=300, n_genes=60, seed=5),
+        simulate_spatial(n_cells=300, n_genes=60, seed=5),
+    )
     c = simulate_spatial(n_cells=300, n_genes=60, seed=6)
     np.testing.assert_array_equal(a.X, b.X)
     assert not np.array_equal(a.obsm["spatial"], c.obsm["spatial"])
@@ -260,7 +263,9 @@ def test_module_outputs_and_interpretation_hooks(trained):
             torch.einsum("bhk,bkhg->bhg", att[..., :-1], vc), gen["head_residuals"], rtol=1e-4, atol=1e-4
         )
         # (b): removing every neighbour leaves the dummy only and the type offset as residual
-        _, none = module(batch, compute_loss=False, generative_kwargs={"neighbor_mask": torch.zeros(B, K, dtype=bool)})
+        _, none = module(
+            batch, compute_loss=False, generative_kwargs={"neighbor_mask": torch.zeros(B, K, dtype=bool)}
+        )
         torch.testing.assert_close(none["attention"][..., -1], torch.ones(B, H))
         torch.testing.assert_close(none["residual"], module.type_offset[labels])
         keep = torch.ones(B, K, dtype=bool)
@@ -268,10 +273,15 @@ def test_module_outputs_and_interpretation_hooks(trained):
         _, one = module(batch, compute_loss=False, generative_kwargs={"neighbor_mask": keep})
         assert (one["attention"][..., 0] == 0).all()
         torch.testing.assert_close(one["attention"].sum(-1), torch.ones(B, H))
-        _, abl = module(batch, compute_loss=False, generative_kwargs={"attention_scale": keep[:, None, :].float()})
+        _, abl = module(
+            batch, compute_loss=False, generative_kwargs={"attention_scale": keep[:, None, :].float()}
+        )
         torch.testing.assert_close(abl["attention"], att)  # post-softmax scaling does not renormalise
         torch.testing.assert_close(
-            abl["head_residuals"], torch.einsum("bhk,bkhg->bhg", att[..., :-1] * keep[:, None, :], vc), rtol=1e-4, atol=1e-4
+            abl["head_residuals"],
+            torch.einsum("bhk,bkhg->bhg", att[..., :-1] * keep[:, None, :], vc),
+            rtol=1e-4,
+            atol=1e-4,
         )
 
 

@@ -49,7 +49,9 @@ class AttentionPenaltyMonitor(Callback):
         if flavor not in ("log", "linear"):
             raise ValueError(f"flavor must be 'log' or 'linear', got {flavor!r}.")
         if not 0 <= epoch_start <= epoch_end:
-            raise ValueError(f"need 0 <= epoch_start <= epoch_end, got epoch_start={epoch_start}, epoch_end={epoch_end}.")
+            raise ValueError(
+                f"need 0 <= epoch_start <= epoch_end, got epoch_start={epoch_start}, epoch_end={epoch_end}."
+            )
         if start_val < 0 or end_val < 0 or (flavor == "log" and (start_val <= 0 or end_val <= 0)):
             raise ValueError(
                 f"start_val and end_val must be >= 0 (> 0 for flavor='log'), got {start_val!r}, {end_val!r}."

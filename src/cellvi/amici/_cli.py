@@ -19,15 +19,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("input", help="input .h5ad (or 10x .h5 / mtx directory) with coordinates and labels")
     p.add_argument("-o", "--output", required=True, help="model directory to write")
     p.add_argument("--labels-key", required=True, help="obs column with the cell types")
-    p.add_argument("--coord-obsm-key", default="spatial", help="obsm key of the coordinates (default: %(default)s)")
+    p.add_argument(
+        "--coord-obsm-key", default="spatial", help="obsm key of the coordinates (default: %(default)s)"
+    )
     p.add_argument("--layer", default=None, help="layer with log-normalised expression (default: X)")
     p.add_argument("--cell-radius-key", default=None, help="obs column with cell radii (surface distances)")
     p.add_argument("--n-neighbors", type=int, default=30, help="neighbours per cell (default: %(default)s)")
     p.add_argument("--n-heads", type=int, default=8, help="attention heads (default: %(default)s)")
     p.add_argument("--max-epochs", type=int, default=None, help="default: min(round(20000/n_cells*400), 400)")
     p.add_argument("--batch-size", type=int, default=128, help="minibatch size (default: %(default)s)")
-    p.add_argument("--train-size", type=float, default=0.9, help="fraction of cells to train on (default: %(default)s)")
-    p.add_argument("--early-stopping", action="store_true", help="stop when the held-out loss stops improving")
+    p.add_argument(
+        "--train-size", type=float, default=0.9, help="fraction of cells to train on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--early-stopping", action="store_true", help="stop when the held-out loss stops improving"
+    )
     p.add_argument("--accelerator", default="auto", help="cpu, gpu, mps or auto (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--save-anndata", action="store_true", help="also save the AnnData in the model directory")

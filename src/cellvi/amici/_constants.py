@@ -23,6 +23,7 @@ class _AmiciKeys(NamedTuple):
     NN_EMBED: str = "nn_embed"
     KEYS: str = "keys"
     VALUES: str = "values"
+    KV_HIDDEN: str = "kv_hidden"  # shared hidden layer of keys and values, (U, n_kv_dim)
     POS_HIDDEN: str = "pos_hidden"
     # generative outputs
     ATTENTION: str = "attention"

@@ -22,7 +22,9 @@ def heldout_errors(model, adata, indices) -> tuple[float, float]:
 
 
 @torch.inference_mode()
-def attention_by_sender_type(model, adata, receiver: str, labels_key: str, max_distance: float) -> pd.DataFrame:
+def attention_by_sender_type(
+    model, adata, receiver: str, labels_key: str, max_distance: float
+) -> pd.DataFrame:
     """Mean attention of ``receiver`` cells to their neighbours within ``max_distance``, per head x neighbour type."""
     adata = model._validate_anndata(adata)
     manager = model.get_anndata_manager(adata, required=True)

@@ -204,51 +204,64 @@ class AMICIModule(BaseModuleClass):
         return self._unit_scale
 
     # ------------------------------------------------------------------ building blocks
-    def queries(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-head queries (B, H, D) and label embeddings (B, n_label_embed) of receiver types (B,)."""
-        e = self.ct_embed(labels)
+    def type_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head queries (C, H, D) and label embeddings (C, n_label_embed) of every cell type."""
+        e = self.ct_embed.weight
         qin = self.query_embed(e).view(-1, self.n_heads, self.n_query_dim)
         q = torch.einsum("bhi,hid->bhd", qin, self.query_proj) + self.query_bias
         return q, e
+
+    def queries(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head queries (B, H, D) and label embeddings (B, n_label_embed) of receiver types (B,)."""
+        q, e = self.type_queries()
+        return q[labels], e[labels]
 
     def embed_neighbors(self, x: torch.Tensor) -> torch.Tensor:
         """Neighbour embeddings ``u`` (N, n_nn_embed) of expression ``x`` (N, G)."""
         return self.nn_embed(x)
 
-    def neighbor_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-cell neighbour features of expression ``x`` (N, G): embedding, keys, values, kernel part."""
-        u = self.nn_embed(x)
-        h = self.kv_hidden(u)
-        shape = (-1, self.n_heads, self.n_head_size)
-        return {
-            KEYS.NN_EMBED: u,
-            KEYS.KEYS: self.key_proj(h).view(shape),
-            KEYS.VALUES: self.value_proj(h).view(shape),
-            KEYS.POS_HIDDEN: self.pos_nn(u),
-        }
+    def neighbor_features(self, x: torch.Tensor, keys_values: bool = True) -> dict[str, torch.Tensor]:
+        """Per-cell neighbour features of expression ``x`` (N, G).
 
-    def _pair_terms(self, q, e, feats, nn_inverse, labels):
+        Embedding ``u``, the shared key/value hidden layer, the per-neighbour part of the distance-kernel
+        network and (``keys_values=True``) the keys and values (N, H, D). Training does not need the keys and
+        values themselves: the attention uses them only through ``q . k`` and ``sum_j a_j v_j``, which are
+        computed from the hidden layer with the projections applied once per type and per receiver.
+        """
+        u = self.nn_embed(x)
+        # the key/value hidden layer and the kernel network both read u: one matrix product
+        n_kv = self.kv_hidden[0].out_features
+        w = torch.cat([self.kv_hidden[0].weight, self.pos_nn.weight])
+        bias = torch.cat([self.kv_hidden[0].bias, self.pos_nn.bias])
+        kv, pos = torch.split(F.linear(u, w, bias), [n_kv, w.shape[0] - n_kv], dim=1)
+        h = F.relu(self.kv_hidden[1](kv))
+        out = {KEYS.NN_EMBED: u, KEYS.KV_HIDDEN: h, KEYS.POS_HIDDEN: pos}
+        if keys_values:
+            shape = (-1, self.n_heads, self.n_head_size)
+            out[KEYS.KEYS] = self.key_proj(h).view(shape)
+            out[KEYS.VALUES] = self.value_proj(h).view(shape)
+        return out
+
+    def _pair_terms(self, kv_hidden, pos_hidden, nn_inverse, labels):
         """Base scores and distance coefficients (B, H, K) from per-cell features gathered by ``nn_inverse``.
 
-        Both depend only on the neighbour cell and the receiver's *type*, so they are computed once per unique
-        (neighbour cell, receiver type) pair of the minibatch and then gathered to the (receiver, slot) grid.
+        ``q_c . k_j = (W_k^T q_c) . h_j + q_c . b_k``: the key projection is applied to the C type queries
+        instead of the U neighbour cells. The distance coefficient depends only on the neighbour cell and the
+        receiver's *type*, so its network runs once per unique (neighbour cell, receiver type) pair.
         """
-        n_types = self.n_labels
-        # per-type queries / label embeddings (all receivers of a type share them)
-        # (one representative receiver per present type, so that gradients are not counted twice)
-        order = torch.argsort(labels, stable=True)
-        present, counts = torch.unique_consecutive(labels[order], return_counts=True)
-        first = order[torch.cumsum(counts, 0) - counts]
-        q_types = q.new_zeros(n_types, *q.shape[1:]).index_copy(0, present, q[first])
-        e_types = self.pos_label(e.new_zeros(n_types, e.shape[1]).index_copy(0, present, e[first]))
+        n_types, H, D = self.n_labels, self.n_heads, self.n_head_size
+        q_types, e_types = self.type_queries()  # (C, H, D), (C, E)
+        wk = self.key_proj.weight.view(H, D, -1)  # (H, D, n_kv)
+        q_kv = torch.einsum("chd,hdn->chn", q_types, wk).reshape(n_types * H, -1)
+        q_b = (q_types * self.key_proj.bias.view(H, D)).sum(-1).reshape(-1)  # (C * H,)
+        scores = torch.addmm(q_b, kv_hidden, q_kv.t()).view(-1, n_types, H) / math.sqrt(D)  # (U, C, H)
+        base = scores[nn_inverse, labels[:, None]]  # (B, K, H)
         pair = nn_inverse * n_types + labels[:, None]
         uniq, pair_inverse = torch.unique(pair, return_inverse=True)
         cell, ctype = uniq // n_types, uniq % n_types
-        scores = torch.einsum("uhd,chd->uch", feats[KEYS.KEYS], q_types) / math.sqrt(self.n_head_size)
-        base = scores[cell, ctype]  # (M, H)
-        pos = feats[KEYS.POS_HIDDEN][cell] + e_types[ctype]
+        pos = pos_hidden[cell] + self.pos_label(e_types)[ctype]
         coef = F.softplus(self.pos_out(F.relu(self.pos_norm(pos))) + self.pos_coef_offset)  # (M, H)
-        return base[pair_inverse].permute(0, 2, 1), coef[pair_inverse].permute(0, 2, 1)
+        return base.permute(0, 2, 1), coef[pair_inverse].permute(0, 2, 1)
 
     @staticmethod
     def _flatten_neighbors(nn_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,18 +290,18 @@ class AMICIModule(BaseModuleClass):
         ``"distance_coef"``; the dummy score is :attr:`dummy_score`.
         """
         labels = labels.reshape(-1).long()
-        q, e = self.queries(labels)
         flat, inverse = self._flatten_neighbors(nn_x)
-        base, coef = self._pair_terms(q, e, self.neighbor_features(flat), inverse, labels)
+        feats = self.neighbor_features(flat, keys_values=False)
+        base, coef = self._pair_terms(feats[KEYS.KV_HIDDEN], feats[KEYS.POS_HIDDEN], inverse, labels)
         scores = base - coef * nn_dist[:, None, :] / self._unit_scale
         return {"scores": scores, "base_scores": base, "distance_coef": coef}
 
     def distance_coefficients(self, labels: torch.Tensor, nn_x: torch.Tensor) -> torch.Tensor:
         """Per-head distance-kernel coefficients ``beta`` (B, H, K) for receiver types (B,) and neighbours (B, K, G)."""
         labels = labels.reshape(-1).long()
-        q, e = self.queries(labels)
         flat, inverse = self._flatten_neighbors(nn_x)
-        return self._pair_terms(q, e, self.neighbor_features(flat), inverse, labels)[1]
+        feats = self.neighbor_features(flat, keys_values=False)
+        return self._pair_terms(feats[KEYS.KV_HIDDEN], feats[KEYS.POS_HIDDEN], inverse, labels)[1]
 
     def value_contributions(self, x: torch.Tensor) -> torch.Tensor:
         """Residual (N, H, G) that each cell ``x`` (N, G), as a neighbour, adds through head ``h`` at attention 1."""
@@ -308,11 +321,13 @@ class AMICIModule(BaseModuleClass):
         """Receiver queries and per-unique-neighbour features.
 
         ``nn_x`` (U, G) holds the expression of the U unique neighbour cells of the minibatch and
-        ``nn_inverse`` (B, K) the row of ``nn_x`` for each (receiver, neighbour) slot.
+        ``nn_inverse`` (B, K) the row of ``nn_x`` for each (receiver, neighbour) slot. The keys and values
+        (U, H, D) are part of the output in eval mode (for the hooks) and when the value-L1 penalty is on;
+        training otherwise reads the neighbours through their key/value hidden layer only.
         """
         labels = labels.reshape(-1).long()
         q, e = self.queries(labels)
-        out = self.neighbor_features(nn_x)
+        out = self.neighbor_features(nn_x, keys_values=not self.training or self.value_l1_penalty_coef > 0)
         out.update({KEYS.QUERIES: q, KEYS.LABEL_EMBED: e, KEYS.NN_INVERSE: nn_inverse})
         return out
 
@@ -322,8 +337,7 @@ class AMICIModule(BaseModuleClass):
             "nn_dist": tensors[KEYS.NN_DIST],
             "queries": inference_outputs[KEYS.QUERIES],
             "label_embed": inference_outputs[KEYS.LABEL_EMBED],
-            "keys": inference_outputs[KEYS.KEYS],
-            "values": inference_outputs[KEYS.VALUES],
+            "kv_hidden": inference_outputs[KEYS.KV_HIDDEN],
             "pos_hidden": inference_outputs[KEYS.POS_HIDDEN],
             "nn_inverse": inference_outputs[KEYS.NN_INVERSE],
         }
@@ -339,8 +353,7 @@ class AMICIModule(BaseModuleClass):
         nn_dist: torch.Tensor,
         queries: torch.Tensor,
         label_embed: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
+        kv_hidden: torch.Tensor,
         pos_hidden: torch.Tensor,
         nn_inverse: torch.Tensor,
         neighbor_mask: torch.Tensor | None = None,
@@ -350,6 +363,18 @@ class AMICIModule(BaseModuleClass):
 
         Parameters
         ----------
+        labels
+            (B,) or (B, 1) receiver cell types.
+        nn_dist
+            (B, K) neighbour distances.
+        queries, label_embed
+            The receivers' queries (B, H, D) and label embeddings (B, n_label_embed) from :meth:`inference`.
+            They depend on the type only; the computation uses the per-type values of
+            :meth:`type_queries`, which they equal (they are inputs so that hooks can replicate receivers).
+        kv_hidden, pos_hidden
+            Per-unique-neighbour key/value hidden layer (U, n_kv_dim) and kernel-network part (U, n_hidden).
+        nn_inverse
+            (B, K) row of the unique-neighbour tensors for each (receiver, neighbour) slot.
         neighbor_mask
             (B, K) bool; ``False`` removes the neighbour from attention before the softmax.
         attention_scale
@@ -362,8 +387,7 @@ class AMICIModule(BaseModuleClass):
         ``distance_coef`` (B, H, K), ``head_residuals`` (B, H, G), ``residual`` and ``prediction`` (B, G).
         """
         labels = labels.reshape(-1).long()
-        feats = {KEYS.KEYS: keys, KEYS.POS_HIDDEN: pos_hidden}
-        base, coef = self._pair_terms(queries, label_embed, feats, nn_inverse, labels)
+        base, coef = self._pair_terms(kv_hidden, pos_hidden, nn_inverse, labels)
         scores = base - coef * nn_dist[:, None, :].to(base.dtype) / self._unit_scale
         keep = None
         if self.training and self.neighbor_dropout > 0:
@@ -379,8 +403,12 @@ class AMICIModule(BaseModuleClass):
         weights = attention[..., :-1]
         if attention_scale is not None:
             weights = weights * attention_scale.to(weights)
-        v = values[nn_inverse]  # (B, K, H, D)
-        z = torch.einsum("bhk,bkhd->bhd", weights, v)
+        # sum_j a_hj v_hj = W_v,h (sum_j a_hj h_j) + b_v,h sum_j a_hj: the value projection runs per receiver
+        # and head instead of per neighbour cell
+        H, D = self.n_heads, self.n_head_size
+        mixed = torch.bmm(weights, kv_hidden[nn_inverse])  # (B, H, n_kv)
+        z = torch.einsum("bhn,hdn->bhd", mixed, self.value_proj.weight.view(H, D, -1))
+        z = z + weights.sum(-1, keepdim=True) * self.value_proj.bias.view(H, D)
         head_residuals = torch.einsum("bhd,hdg->bhg", z, self.head_out)
         residual = self.type_offset[labels] + head_residuals.sum(1)
         prediction = self.ct_profiles[labels] + residual
@@ -414,5 +442,5 @@ class AMICIModule(BaseModuleClass):
             l1 = per_cell[inference_outputs[KEYS.NN_INVERSE]].mean(-1)  # (B,)
             total = total + self.value_l1_penalty_coef * l1
             extra["value_l1_penalty"] = (self.value_l1_penalty_coef * l1).mean().detach()
-        extra["attention_penalty_coef"] = torch.tensor(self.attention_penalty_coef)
+        extra["attention_penalty_coef"] = recon.new_tensor(self.attention_penalty_coef)
         return LossOutput(loss=total.mean(), reconstruction_loss=recon, extra_metrics=extra)
