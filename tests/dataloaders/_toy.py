@@ -4,15 +4,10 @@ A linear autoencoder of log1p counts with a mean squared error: no sampling and 
 normalisation, so data-parallel training over R ranks with minibatch B gives the same gradients
 as one process with minibatch R * B (the loss is a mean over cells).
 
-Run as a script it is one rank of a ``torchrun``-style launch (``MASTER_ADDR``, ``MASTER_PORT``,
-``WORLD_SIZE``, ``RANK``/``LOCAL_RANK`` set by the caller) and writes its parameters to
-``argv[1]``.
+``_ddp.py`` trains it (and SCANVI on the semi-supervised path) on two gloo ranks.
 """
 
 from __future__ import annotations
-
-import os
-import sys
 
 import torch
 from scvi import REGISTRY_KEYS
@@ -117,22 +112,3 @@ def train_semi_supervised(**train_kwargs):
     )
     return model
 
-
-if __name__ == "__main__":
-    import scvi
-
-    torch.set_num_threads(1)
-    scvi.settings.logging_dir = os.path.dirname(sys.argv[1])
-    ddp = {"accelerator": "cpu", "devices": int(os.environ["WORLD_SIZE"]), "strategy": "ddp"}
-    params = train_toy(batch_size=int(sys.argv[2]), datasplitter_kwargs={"data_path": "device"}, **ddp)
-    # scvi's semi-supervised modules have parameters a step may not use (as scvi's docs advise)
-    semi = train_semi_supervised(**{**ddp, "strategy": "ddp_find_unused_parameters_true"})
-    loader = semi.trainer.train_dataloader
-    out = {
-        "toy": params,
-        # parameters (BatchNorm running statistics are per-rank buffers, not synchronised by DDP)
-        "semi": {k: v.detach().cpu().clone() for k, v in semi.module.named_parameters()},
-        "semi_loader": type(loader).__name__,
-        "semi_steps": len(loader),
-    }
-    torch.save(out, sys.argv[1])

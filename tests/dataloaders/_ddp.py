@@ -1,0 +1,168 @@
+"""A torchrun-style launcher for two-process (gloo, CPU) data-parallel tests, and the cases it runs.
+
+:func:`launch` starts ``world_size`` Python processes running this file, each with the
+environment variables ``torchrun`` sets (``MASTER_ADDR``, ``MASTER_PORT``, ``WORLD_SIZE``,
+``RANK``, ``LOCAL_RANK``) and ``cwd`` in a temporary directory (Lightning's DDP logger writes
+``./lightning_logs``). Each rank runs the named cases of :data:`CASES` one after the other (one
+interpreter start-up for all of them) and saves ``{case: result}`` with ``torch.save``.
+
+A case is ``case(trainer_kwargs) -> dict`` where ``trainer_kwargs`` selects DDP
+(``accelerator="cpu", devices=2, strategy=...``); the same function called in the test process
+with ``{}`` is the single-process reference, so both sides train the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+
+# -- cases ---------------------------------------------------------------------------------------
+
+
+def _params(module) -> dict[str, torch.Tensor]:
+    # parameters only: BatchNorm running statistics are per-rank buffers (DDP broadcasts rank 0's)
+    return {k: v.detach().cpu().clone() for k, v in module.named_parameters()}
+
+
+def _steps(model) -> int:
+    return len(model.trainer.train_dataloader)
+
+
+def case_toy(trainer_kwargs: dict, batch_size: int = 32, max_epochs: int = 2) -> dict:
+    """The deterministic toy autoencoder (``_toy.py``): DDP equals one process exactly."""
+    from _toy import train_toy
+
+    params = train_toy(
+        batch_size=batch_size,
+        max_epochs=max_epochs,
+        datasplitter_kwargs={"seed": 0, "data_path": "device"},
+        **trainer_kwargs,
+    )
+    return {"params": params}
+
+
+def case_semi(trainer_kwargs: dict) -> dict:
+    """SCANVI on the semi-supervised data path (as FADVI before it adopted it)."""
+    from _toy import train_semi_supervised
+
+    if trainer_kwargs:
+        # scvi's semi-supervised modules have parameters a step may not use (as scvi's docs advise)
+        trainer_kwargs = {**trainer_kwargs, "strategy": "ddp_find_unused_parameters_true"}
+    semi = train_semi_supervised(**trainer_kwargs)
+    loader = semi.trainer.train_dataloader
+    return {"params": _params(semi.module), "loader": type(loader).__name__, "steps": len(loader)}
+
+
+SCAR_CELLS = 256
+
+
+def case_scar(
+    trainer_kwargs: dict, batch_size: int = 32, max_epochs: int = 3, noise_seed: int | None = None
+) -> dict:
+    """cellvi.SCAR (default architecture, batch norm on) on a tiny simulation, ``data_path="device"``.
+
+    ``noise_seed`` reseeds torch's generator after the model is built (same initial parameters,
+    same minibatch order, other latent draws): two single-process runs that differ only in it give
+    the run-to-run spread that DDP is compared with.
+    """
+    import scvi
+
+    import cellvi
+
+    scvi.settings.seed = 0
+    adata, raw = cellvi.data.simulate_ambient(
+        n_cells=SCAR_CELLS, n_genes=60, n_empty=600, n_damaged=0, seed=4
+    )
+    cellvi.SCAR.setup_anndata(adata)
+    cellvi.SCAR.get_ambient_profile(adata, raw)
+    model = cellvi.SCAR(adata, n_hidden=32, n_latent=4, n_layers=1)
+    init = _params(model.module)
+    if noise_seed is not None:
+        torch.manual_seed(noise_seed)
+    model.train(
+        max_epochs=max_epochs,
+        train_size=1.0,
+        batch_size=batch_size,
+        enable_progress_bar=False,
+        data_path="device",
+        datasplitter_kwargs={"seed": 0},
+        **trainer_kwargs,
+    )
+    return {
+        "init": init,
+        "params": _params(model.module),
+        "steps": _steps(model),
+        # Lightning logs on rank 0 only
+        "elbo": model.history["elbo_train"].to_numpy().ravel().astype(float)
+        if "elbo_train" in model.history
+        else None,
+    }
+
+
+CASES = {"toy": case_toy, "semi": case_semi, "scar": case_scar}
+
+# -- launcher ------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cases: list[str], workdir: Path, world_size: int = 2, timeout: float = 300) -> list[dict]:
+    """Run ``cases`` on ``world_size`` gloo ranks; return each rank's ``{case: result}``."""
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(world_size),
+        "NODE_RANK": "0",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    procs = []
+    for rank in range(world_size):
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(HERE / "_ddp.py"), str(workdir / f"rank{rank}.pt"), *cases],
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                cwd=workdir,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+                q.wait()
+            raise
+    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
+        if p.returncode != 0:
+            raise RuntimeError(f"DDP rank {rank} failed (exit {p.returncode}):\n{log[-4000:]}")
+    return [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def _main(out: str, cases: list[str]) -> None:
+    import scvi
+
+    torch.set_num_threads(1)
+    scvi.settings.logging_dir = os.path.dirname(out)
+    ddp = {"accelerator": "cpu", "devices": int(os.environ["WORLD_SIZE"]), "strategy": "ddp"}
+    torch.save({name: CASES[name](ddp) for name in cases}, out)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], sys.argv[2:])
