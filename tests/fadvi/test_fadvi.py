@@ -316,3 +316,55 @@ def test_registry_entries():
     b = simulate_batches(n_cells=50, n_genes=30, seed=5)
     assert (a.X != b.X).nnz == 0
     assert set(a.obs["labels"].cat.categories) == {"type_0", "type_1", "type_2", "type_3", "type_4", "Unknown"}
+
+
+# --------------------------------------------------------------- data path
+def _trained_state(adata, data_path, **kwargs):
+    import scvi
+
+    scvi.settings.seed = 0
+    model = FADVI(adata, n_latent_b=4, n_latent_l=4, n_latent_r=2, n_hidden=32)
+    model.train(max_epochs=2, batch_size=64, data_path=data_path, **QUIET, **kwargs)
+    return model, {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+
+
+def test_data_path_device_equals_scvi_loader():
+    """The shared data path (default) trains the same parameters as scvi's semi-supervised loader.
+
+    Every cell is labelled here: with unlabelled cells the labelled loader is the shorter one and
+    restarts within an epoch, reshuffled on cellvi's path where scvi replays its first pass.
+    """
+    adata = simulate_batches(n_cells=300, n_genes=50, n_batches=2, n_labels=3, unlabeled_fraction=0.0, seed=2)
+    FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels")
+    model, fast = _trained_state(adata, "auto", check_val_every_n_epoch=1)
+    assert model.trainer.datamodule.resolved_data_path == "device"
+    _, ref = _trained_state(adata, "scvi", check_val_every_n_epoch=1)
+    for key in fast:
+        torch.testing.assert_close(fast[key], ref[key], rtol=0, atol=0, msg=key)
+    assert "elbo_validation" in model.history
+    with pytest.raises(ValueError, match="data_path"):
+        model.train(max_epochs=1, data_path="gpu", **QUIET)
+    with pytest.raises(ValueError, match="n_samples_per_label"):
+        model.train(max_epochs=1, n_samples_per_label=0, **QUIET)
+
+
+def test_labelled_minibatch_reaches_the_label_head():
+    adata = simulate_batches(n_cells=200, n_genes=40, n_batches=2, n_labels=3, unlabeled_fraction=0.8, seed=4)
+    FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels")
+    model = FADVI(adata, n_latent_b=4, n_latent_l=4, n_latent_r=2, n_hidden=32)
+    from cellvi.dataloaders import SemiSupervisedDataSplitter
+
+    splitter = SemiSupervisedDataSplitter(model.adata_manager, batch_size=64, n_samples_per_label=5)
+    splitter.setup()
+    full, labelled = next(iter(splitter.train_dataloader()))
+    assert labelled["X"].shape[0] == 15  # 5 per class
+    torch.manual_seed(0)
+    _, _, alone = model.module(full)
+    torch.manual_seed(0)
+    _, _, both = model.module((full, labelled))
+    # the same forward pass; only the label head's cross-entropy sees the extra labelled cells
+    torch.testing.assert_close(alone.extra_metrics["elbo_loss"], both.extra_metrics["elbo_loss"])
+    assert not torch.isclose(alone.extra_metrics["sup_loss_l"], both.extra_metrics["sup_loss_l"])
+    # trains with label subsampling (scvi's per-epoch SubSampleLabels callback)
+    model.train(max_epochs=2, n_samples_per_label=10, **QUIET)
+    assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()

@@ -21,11 +21,12 @@ from scvi.data.fields import (
     NumericalJointObsField,
     NumericalObsField,
 )
-from scvi.model._utils import _init_library_size
+from scvi.model._utils import _init_library_size, use_distributed_sampler
 from scvi.model.base import ArchesMixin, BaseModelClass, RNASeqMixin, UnsupervisedTrainingMixin, VAEMixin
 from scvi.utils import setup_anndata_dsp
 
 from .._validation import check_counts, check_layer, check_obs_key, get_matrix, layer_arg
+from ..dataloaders import SemiSupervisedDataPathMixin, make_data_loader, with_data_path
 from ._constants import BLOCKS, PREDICTION_MODES, REPRESENTATIONS
 from ._module import FADVAE
 from ._plan import FADVITrainingPlan
@@ -35,7 +36,9 @@ logger = logging.getLogger(__name__)
 _MODULE_EXTRA_KWARGS = ("beta_b", "beta_l", "adversary_scale", "alpha_res", "log_variational")
 
 
-class FADVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class FADVI(
+    SemiSupervisedDataPathMixin, RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass
+):
     """Factor Disentanglement Variational Inference model.
 
     This model disentangles batch-related variation, label-related variation, and residual variation
@@ -77,7 +80,13 @@ class FADVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseM
     - The supervised heads read posterior means, as :meth:`predict` does. Posterior means for
       embeddings and predictions (deterministic), covariates passed correctly, ``size_factor_key``
       and ``gene-label`` dispersion honoured, ``transform_batch`` as a real counterfactual (``z_b``
-      moved by ``m_t - m_s``), one minibatch per step (no unused labelled minibatch).
+      moved by ``m_t - m_s``).
+    - **The shared data path** (:mod:`cellvi.dataloaders`, ``train(..., data_path="auto")``):
+      scvi's semi-supervised split and pair of minibatches per step (all cells, labelled cells),
+      gathered from one device-resident copy of the data. ``fadvi`` loads the labelled minibatch
+      and ignores it; here the label head learns on it as well (only ``z_l``'s encoder runs on
+      it), so it sees a full minibatch of labels per step however few cells are labelled, and
+      ``n_samples_per_label`` balances the classes.
 
     Parameters
     ----------
@@ -154,6 +163,7 @@ class FADVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseM
 
     _module_cls = FADVAE
     _training_plan_cls = FADVITrainingPlan
+    _data_loader_cls = staticmethod(make_data_loader)
 
     def __init__(
         self,
@@ -421,6 +431,8 @@ class FADVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseM
         shuffle_set_split: bool = True,
         batch_size: int = 128,
         early_stopping: bool = False,
+        n_samples_per_label: int | None = None,
+        data_path: str = "auto",
         datasplitter_kwargs: dict | None = None,
         plan_kwargs: dict | None = None,
         datamodule=None,
@@ -446,8 +458,22 @@ class FADVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseM
             which cells are left out.
         early_stopping
             Stop when the validation ELBO stops improving.
+        n_samples_per_label
+            Number of subsamples for each label class to sample per epoch in the labelled
+            minibatches. By default, there is no label subsampling.
+        data_path
+            How minibatches reach the model (:mod:`cellvi.dataloaders`). ``"auto"`` (default):
+            the registered arrays on the training device when they fit in half its free memory
+            (always on the CPU), else streamed from the CPU through pinned memory. ``"device"``,
+            ``"stream"``: those two explicitly. ``"scvi"``: scvi-tools' semi-supervised loader.
+            On the CPU, ``"device"`` and ``"scvi"`` give identical minibatches, hence identical
+            seeded training, when every cell is labelled; with unlabelled cells the shorter
+            labelled loader restarts with a fresh shuffle here, where scvi replays its first pass.
         datasplitter_kwargs
-            Keyword arguments for :class:`~scvi.dataloaders.DataSplitter`.
+            Keyword arguments for :class:`~cellvi.dataloaders.SemiSupervisedDataSplitter`: the
+            train / validation split keeps the ratio of labelled to unlabelled cells, and each step
+            reads a minibatch of all cells and one of labelled cells (the label head learns on
+            both; see :class:`~cellvi.fadvi.FADVAE`).
         plan_kwargs
             Keyword arguments for :class:`~cellvi.fadvi.FADVITrainingPlan` (``lr``,
             ``weight_decay``, ``n_epochs_kl_warmup``...). ``n_epochs_kl_warmup`` defaults to a
@@ -470,17 +496,46 @@ class FADVI(RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseM
         plan_kwargs = dict(plan_kwargs or {})
         if "n_epochs_kl_warmup" not in plan_kwargs and "n_steps_kl_warmup" not in plan_kwargs:
             plan_kwargs["n_epochs_kl_warmup"] = max(1, int(max_epochs) // 4)
+        if n_samples_per_label is not None and (
+            isinstance(n_samples_per_label, bool)
+            or not isinstance(n_samples_per_label, (int, np.integer))
+            or n_samples_per_label < 1
+        ):
+            raise ValueError(f"n_samples_per_label must be an integer >= 1 or None, got {n_samples_per_label!r}.")
         datasplitter_kwargs = dict(datasplitter_kwargs or {})
         if datamodule is None:
             tsize = 0.9 if train_size is None else train_size
             if not 0 < tsize <= 1:
                 raise ValueError(f"train_size must be in (0, 1], got {train_size!r}.")
-            n_train = int(np.ceil(tsize * n_obs))
+            # the split keeps the labelled / unlabelled ratio: each part is split on its own
+            codes = np.asarray(self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY)).ravel()
+            unlabeled = self.module.unlabeled_code
+            n_labeled = n_obs if unlabeled is None else int(np.count_nonzero(codes != unlabeled))
+            n_train = int(np.ceil(tsize * n_labeled)) + int(np.ceil(tsize * (n_obs - n_labeled)))
             if 0 < n_train % batch_size < 3 and n_train > batch_size:
                 datasplitter_kwargs.setdefault("drop_last", True)
             elif n_train < 3:
                 raise ValueError(f"train_size={tsize} leaves {n_train} training cells; at least 3 are needed.")
             train_size = tsize
+            # the splitter is built here (scvi's UnsupervisedTrainingMixin would pass it
+            # load_sparse_tensor, which scvi's semi-supervised loader rejects)
+            datamodule = self._data_splitter_cls(
+                self.adata_manager,
+                train_size=train_size,
+                validation_size=validation_size,
+                shuffle_set_split=shuffle_set_split,
+                n_samples_per_label=n_samples_per_label,
+                batch_size=int(batch_size),
+                distributed_sampler=use_distributed_sampler(trainer_kwargs.get("strategy")),
+                **with_data_path(datasplitter_kwargs, data_path),
+            )
+            if n_labeled > 0:
+                # a fresh per-class subsample of the labelled cells every epoch (scvi's callback)
+                from scvi.train._callbacks import SubSampleLabels
+
+                callbacks = list(trainer_kwargs.get("callbacks") or [])
+                if not any(isinstance(c, SubSampleLabels) for c in callbacks):
+                    trainer_kwargs["callbacks"] = [*callbacks, SubSampleLabels()]
         trainer_kwargs.setdefault("enable_model_summary", False)
         return super().train(
             max_epochs=int(max_epochs),

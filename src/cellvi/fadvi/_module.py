@@ -310,6 +310,20 @@ class FADVAE(BaseModuleClass):
         )
 
     # ------------------------------------------------------------------ inputs
+    def forward(self, tensors, *args, loss_kwargs: dict | None = None, **kwargs):
+        """scvi's forward pass; a ``(full, labelled)`` pair of minibatches is accepted.
+
+        The semi-supervised loaders yield a minibatch of all cells and one of labelled cells. The
+        forward pass runs on the full one; the labelled one reaches :meth:`loss` as
+        ``labelled_tensors`` (the label head learns on it too).
+        """
+        if isinstance(tensors, (tuple, list)):
+            full, *rest = tensors
+            if rest and rest[0] is not None:
+                loss_kwargs = {**(loss_kwargs or {}), "labelled_tensors": rest[0]}
+            tensors = full
+        return super().forward(tensors, *args, loss_kwargs=loss_kwargs, **kwargs)
+
     def _get_inference_input(self, tensors, full_forward_pass: bool = False):
         return {
             MODULE_KEYS.X_KEY: tensors[REGISTRY_KEYS.X_KEY],
@@ -471,8 +485,32 @@ class FADVAE(BaseModuleClass):
     def batch_logits(self, z_b: torch.Tensor) -> torch.Tensor:
         return self.heads["batch"](z_b)
 
-    def loss(self, tensors, inference_outputs, generative_outputs, kl_weight: float = 1.0):
-        """ELBO with conditional priors, supervised heads, adversaries and the cross-covariance penalty."""
+    def _labelled_logits(self, labelled_tensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label-head logits (posterior means of ``z_l``) and classes of a labelled minibatch."""
+        labeled, y = self.label_classes(labelled_tensors[REGISTRY_KEYS.LABELS_KEY])
+        x = labelled_tensors[REGISTRY_KEYS.X_KEY]
+        x_ = torch.log1p(x) if self.log_variational else x
+        cont = labelled_tensors.get(REGISTRY_KEYS.CONT_COVS_KEY)
+        if cont is not None and self.n_continuous_cov > 0:
+            x_ = torch.cat([x_, cont], dim=-1)
+        cats = self._cats(labelled_tensors.get(REGISTRY_KEYS.CAT_COVS_KEY))
+        ql = self.encoders["l"](x_, labelled_tensors[REGISTRY_KEYS.BATCH_KEY], *cats)[0]
+        return self.heads["label"](ql.loc)[labeled], y[labeled]
+
+    def loss(
+        self,
+        tensors,
+        inference_outputs,
+        generative_outputs,
+        kl_weight: float = 1.0,
+        labelled_tensors: dict[str, torch.Tensor] | None = None,
+    ):
+        """ELBO with conditional priors, supervised heads, adversaries and the cross-covariance penalty.
+
+        ``labelled_tensors`` (a minibatch of labelled cells, from the semi-supervised loaders): the
+        label head's cross-entropy is the mean over the labelled cells of both minibatches, so it
+        sees a full minibatch of labels per step however few cells are labelled.
+        """
         x = tensors[REGISTRY_KEYS.X_KEY]
         s = tensors[REGISTRY_KEYS.BATCH_KEY].reshape(-1).long()
         labeled, y_safe = self.label_classes(tensors[REGISTRY_KEYS.LABELS_KEY])
@@ -507,7 +545,13 @@ class FADVAE(BaseModuleClass):
 
         # supervised heads
         ce_b = _masked_ce(self.heads["batch"](qb.loc), s, None)
-        ce_l = _masked_ce(label_logits, y_safe, labeled)
+        if labelled_tensors is not None:
+            extra_logits, extra_y = self._labelled_logits(labelled_tensors)
+            ce_l = _masked_ce(
+                torch.cat([label_logits[labeled], extra_logits]), torch.cat([y_safe[labeled], extra_y]), None
+            )
+        else:
+            ce_l = _masked_ce(label_logits, y_safe, labeled)
         sup = self.lambda_b * ce_b + self.lambda_l * ce_l
 
         # adversaries: each head learns on detached latents; the encoder is pushed (scale alpha)
