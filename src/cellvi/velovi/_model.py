@@ -362,25 +362,24 @@ class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         ``fn`` returns tensors with leading dims ``(samples, cells)``. Samples of one minibatch are drawn in
         as few passes as memory allows (blocks of about 2**24 values per tensor).
         """
-        self.module.eval()
+        module = self.module
+        module.eval()
+        device = module.device  # looked up once (scvi's auto_move_data walks the parameters per call)
         n_genes = self.summary_stats["n_vars"]
         loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
         chunks: list[list[np.ndarray]] = []
         for tensors in loader:
-            n_cells = tensors[VELOVI_REGISTRY_KEYS.X_KEY].shape[0]
+            inp = {k: v.to(device) for k, v in module._get_inference_input(tensors).items()}
+            n_cells = inp["spliced"].shape[0]
             per_pass = max(1, min(n_samples, _SAMPLE_BLOCK // max(1, 4 * n_cells * n_genes)))
+            qz = module._inference(**inp)[MODULE_KEYS.QZ_KEY]  # encoded once per minibatch
             outs: list[list[np.ndarray]] = []
             done = 0
             while done < n_samples:
                 s = min(per_pass, n_samples - done)
                 done += s
-                inp = self.module._get_inference_input(tensors)
-                inf = self.module.inference(**inp, n_samples=s)
-                z = inf[MODULE_KEYS.Z_KEY]
-                if s == 1:
-                    z = z.unsqueeze(0)
-                gen = self.module.generative(z, latent_dim=latent_dim, sample_pi=sample_pi)
-                result = fn({k: v.to(self.device) for k, v in inp.items()}, gen)
+                gen = module._generative(qz.sample((s,)), latent_dim=latent_dim, sample_pi=sample_pi)
+                result = fn(inp, gen)
                 outs.append([r.float().cpu().numpy() for r in result])
             chunks.append([np.concatenate(parts, axis=0) for parts in zip(*outs, strict=True)])
         if not chunks:

@@ -20,9 +20,11 @@ from torch.distributions import Normal
 
 from ._constants import VELOVI_REGISTRY_KEYS
 from ._kinetics import induction, repression, transcription_rate
+from ._special import lgamma_digamma
 
 _LOG_2PI = math.log(2 * math.pi)
 _TINY = float(torch.finfo(torch.float32).eps)
+_SMALLEST = float(torch.finfo(torch.float32).tiny)  # keeps log(uniform) finite
 
 
 def log_gamma_rsample(concentration: torch.Tensor) -> torch.Tensor:
@@ -32,25 +34,52 @@ def log_gamma_rsample(concentration: torch.Tensor) -> torch.Tensor:
     ``U ** (1 / a)``; gradients flow through both (Naesseth et al., AISTATS 2017, with the small rejection
     correction dropped). Much cheaper than ``torch.distributions.Dirichlet.rsample``'s implicit gradient, and
     in log space, so small concentrations do not underflow to probabilities of exactly 0.
+
+    Two uniform draws per entry are saved: the boost ``U`` reuses the acceptance test's uniform. Given
+    that ``u`` was accepted, ``log u < h(eps)``, ``u / min(1, exp(h(eps)))`` is uniform on ``(0, 1)`` and
+    independent of ``eps``, so the samples are still exact. The first round runs on whole tensors; only the
+    few rejected entries are redrawn.
     """
     d = concentration + (1.0 - 1.0 / 3.0)  # shape a + 1, minus 1/3
     c = torch.rsqrt(9.0 * d)
     with torch.no_grad():
-        d0, c0 = d.detach().reshape(-1), c.detach().reshape(-1)
+        d0, c0 = d.detach(), c.detach()
         eps = torch.randn_like(d0)
-        todo = torch.arange(d0.numel(), device=d0.device)
-        for _ in range(100):  # redraw only the rejected entries (a few percent per round)
-            dd, cc, e = d0[todo], c0[todo], eps[todo]
-            v = (1 + cc * e) ** 3
-            log_u = torch.log(torch.rand_like(dd))
-            ok = (v > 0) & (log_u < 0.5 * e * e + dd - dd * v + dd * torch.log(v.clamp_min(_TINY)))
-            todo = todo[~ok]
-            if todo.numel() == 0:
-                break
-            eps[todo] = torch.randn(todo.numel(), device=d0.device, dtype=d0.dtype)
-        eps = eps.view_as(d)
-        log_boost = torch.log(torch.rand_like(eps).clamp_min(_TINY))
+        log_boost, ok = _marsaglia_tsang(d0, c0, eps, _log_uniform(d0))
+        if not bool(ok.all()):
+            eps, log_boost = eps.reshape(-1), log_boost.reshape(-1)
+            todo = torch.nonzero(~ok.reshape(-1)).squeeze(-1)
+            flat_d, flat_c = d0.reshape(-1), c0.reshape(-1)
+            for _ in range(100):  # redraw only the rejected entries (a few percent per round)
+                dd, cc = flat_d[todo], flat_c[todo]
+                e = torch.randn_like(dd)
+                lb, ok_t = _marsaglia_tsang(dd, cc, e, _log_uniform(dd))
+                eps[todo], log_boost[todo] = e, lb
+                todo = todo[~ok_t]
+                if todo.numel() == 0:
+                    break
+            eps, log_boost = eps.view_as(d0), log_boost.view_as(d0)
     return torch.log(d) + 3 * torch.log1p(c * eps) + log_boost / concentration
+
+
+def _log_uniform(like: torch.Tensor) -> torch.Tensor:
+    """``log U`` with ``U ~ Uniform(0, 1)`` shaped like ``like`` (finite: ``U`` is at least float32's tiny)."""
+    return torch.rand_like(like).clamp_min_(_SMALLEST).log_()
+
+
+def _marsaglia_tsang(
+    d: torch.Tensor, c: torch.Tensor, eps: torch.Tensor, log_u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Acceptance of ``d (1 + c eps)^3`` as a Gamma(d + 1/3) draw, and the recycled log-uniform boost.
+
+    Test ``log u < h = eps^2 / 2 + d (1 + log w^3 - w^3)``, ``w = 1 + c eps`` (``w <= 0`` gives ``h = NaN``:
+    rejected). The boost is ``log u - min(h, 0)``. In-place arithmetic on temporaries (no autograd here).
+    """
+    w = torch.mul(c, eps).add_(1)
+    w3 = torch.mul(w, w).mul_(w)
+    h = torch.log(w).mul_(3).add_(1).sub_(w3).mul_(d).addcmul_(eps, eps, value=0.5)
+    ok = log_u < h
+    return log_u.sub_(h.clamp_max_(0)), ok
 
 
 def gamma_rsample(concentration: torch.Tensor) -> torch.Tensor:
@@ -73,19 +102,21 @@ class _KLDirichlet(torch.autograd.Function):
     """``KL(Dir(a) || Dir(b 1))`` over the last dim with a hand-written gradient.
 
     ``dKL/da_j = (a_j - b) psi'(a_j) - (a_0 - K b) psi'(a_0)``: two trigamma evaluations instead of the
-    four special-function evaluations plus their products that autograd would run.
+    four special-function evaluations plus their products that autograd would run. The forward pass uses
+    :func:`~cellvi.velovi._special.lgamma_digamma` (vectorised; PyTorch's CPU ``digamma`` is a scalar loop).
     """
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, prior: float):
         k = a.shape[-1]
         a0 = a.sum(-1)
-        dig_a0 = torch.digamma(a0)
+        lg_a, dig_a = lgamma_digamma(a)
+        lg_a0, dig_a0 = lgamma_digamma(a0)
         out = (
-            torch.lgamma(a0)
-            - torch.lgamma(a).sum(-1)
+            lg_a0
+            - lg_a.sum(-1)
             + (k * math.lgamma(prior) - math.lgamma(prior * k))
-            + ((a - prior) * (torch.digamma(a) - dig_a0.unsqueeze(-1))).sum(-1)
+            + ((a - prior) * (dig_a - dig_a0.unsqueeze(-1))).sum(-1)
         )
         ctx.save_for_backward(a, a0)
         ctx.prior = prior
@@ -120,6 +151,32 @@ def _flat_apply(fn, x: torch.Tensor) -> torch.Tensor:
     lead = x.shape[:-1]
     out = fn(x.reshape(-1, x.shape[-1]))
     return out.reshape(*lead, out.shape[-1])
+
+
+class _MaskDropout(nn.Dropout):
+    """:class:`torch.nn.Dropout` with the mask drawn by one ``rand`` and a compare.
+
+    The same distribution and scaling; PyTorch's CPU ``bernoulli_`` costs about twice as much as the
+    ``rand`` it replaces (per training step, as much as the encoder's matrix product). No parameters, so
+    state dicts are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p >= 1:
+            return torch.zeros_like(x)
+        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))
+        return x * keep
+
+
+def _use_mask_dropout(module: nn.Module) -> None:
+    """Swap every :class:`torch.nn.Dropout` under ``module`` for :class:`_MaskDropout` (same ``p``)."""
+    for name, child in module.named_children():
+        if type(child) is nn.Dropout:
+            setattr(module, name, _MaskDropout(child.p))
+        else:
+            _use_mask_dropout(child)
 
 
 class DecoderVELOVI(nn.Module):
@@ -348,6 +405,7 @@ class VELOVAE(BaseModuleClass):
             use_layer_norm=use_ln_dec,
             linear_decoder=linear_decoder,
         )
+        _use_mask_dropout(self)
 
     # ------------------------------------------------------------------ rates and kinetics
     def get_rates(self) -> dict[str, torch.Tensor]:
@@ -440,6 +498,10 @@ class VELOVAE(BaseModuleClass):
     @auto_move_data
     def inference(self, spliced, unspliced, n_samples: int = 1):
         """Encode ``[spliced, unspliced]``; draw ``n_samples`` latent samples in one go."""
+        return self._inference(spliced, unspliced, n_samples)
+
+    def _inference(self, spliced, unspliced, n_samples: int = 1):
+        """:meth:`inference` for tensors already on the module's device (no per-call device lookup)."""
         if self.log_variational:
             spliced, unspliced = torch.log(0.01 + spliced), torch.log(0.01 + unspliced)
         qz_m, qz_v, z = self.z_encoder(torch.cat((spliced, unspliced), dim=-1))
@@ -460,6 +522,10 @@ class VELOVAE(BaseModuleClass):
         The state probabilities are rsampled from their Dirichlet, or with ``sample_pi=False`` set to its
         mean ``E[pi | z]`` (for posterior means of quantities linear in ``pi``: same expectation, no noise).
         """
+        return self._generative(z, latent_dim, sample_pi)
+
+    def _generative(self, z, latent_dim: int | None = None, sample_pi: bool = True):
+        """:meth:`generative` for tensors already on the module's device (no per-call device lookup)."""
         px_pi_alpha, px_rho, px_tau = self.decoder(z, latent_dim=latent_dim)
         if sample_pi:
             log_pi = dirichlet_log_rsample(px_pi_alpha)

@@ -1,0 +1,64 @@
+"""``lgamma``, ``digamma`` and ``trigamma`` for positive arguments from a few vectorised array operations.
+
+PyTorch's CPU kernels for these special functions are scalar loops (about 7-20 ns per element on one
+core, against well under 1 ns for ``exp``); VELOVI evaluates them on every ``(cells, genes, 4)``
+Dirichlet concentration of every training step. Here each is the recurrence that shifts the argument by
+6 followed by the asymptotic (Stirling) series, evaluated in the input's precision, with the six
+recurrence terms folded into two cubic polynomials ``p(v) = v (v + 1) (v + 2)`` at ``v = x`` and
+``v = x + 3``: ``sum_k 1 / (x + k) = p'(x) / p(x) + p'(x + 3) / p(x + 3)`` and
+``sum_k 1 / (x + k)^2 = (p'^2 - p p'') / p^2`` summed likewise. Accurate to a few float32 ulps (absolute
+near the zeros of ``lgamma``) for every ``x`` in ``(0, 1e12)``, tested against ``torch.special`` in
+float64. Inputs must be positive (Dirichlet concentrations are).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _cubic(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``p(v) = v (v + 1) (v + 2)`` and ``p'(v) = 3 v (v + 2) + 2``."""
+    v2 = v + 2
+    vv2 = v * v2
+    return vv2 * (v + 1), 3 * vv2 + 2
+
+
+def lgamma_digamma(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log Gamma(x), psi(x))`` for ``x > 0``, sharing the shifted argument and recurrence terms."""
+    p1, q1 = _cubic(x)
+    p2, q2 = _cubic(x + 3)
+    y = x + 6
+    log_y = torch.log(y)
+    r = torch.reciprocal(y)
+    r2 = r * r
+    lg_series = r * (1.0 / 12 - r2 * (1.0 / 360 - r2 * (1.0 / 1260 - r2 * (1.0 / 1680))))
+    lgamma = (y - 0.5) * log_y - y + _HALF_LOG_2PI + lg_series - torch.log(p1) - torch.log(p2)
+    dg_series = r2 * (1.0 / 12 - r2 * (1.0 / 120 - r2 * (1.0 / 252 - r2 * (1.0 / 240))))
+    digamma = log_y - 0.5 * r - dg_series - q1 / p1 - q2 / p2
+    return lgamma, digamma
+
+
+def lgamma(x: torch.Tensor) -> torch.Tensor:
+    """``log Gamma(x)`` for ``x > 0``."""
+    return lgamma_digamma(x)[0]
+
+
+def digamma(x: torch.Tensor) -> torch.Tensor:
+    """``psi(x) = d/dx log Gamma(x)`` for ``x > 0``."""
+    return lgamma_digamma(x)[1]
+
+
+def trigamma(x: torch.Tensor) -> torch.Tensor:
+    """``psi'(x)`` for ``x > 0``."""
+    shift = 0
+    for v in (x, x + 3):
+        p, q = _cubic(v)
+        shift = shift + (q * q - 6 * (v + 1) * p) / (p * p)
+    r = torch.reciprocal(x + 6)
+    r2 = r * r
+    series = r * (1.0 + r * (0.5 + r * (1.0 / 6 - r2 * (1.0 / 30 - r2 * (1.0 / 42 - r2 * (1.0 / 30))))))
+    return series + shift
