@@ -76,3 +76,9 @@ def test_errors_name_the_argument(sim):
     few = raw[: adata.n_obs + 20].copy()
     with pytest.raises(ValueError, match=r"only 20 droplets outside adata.*at least 50"):
         cellvi.SCAR.get_ambient_profile(adata, few)
+
+
+def test_unknown_raw_layer_is_a_clear_error(sim):
+    adata, raw = sim
+    with pytest.raises(ValueError, match=r"layer='counts' is not a layer of raw_adata"):
+        cellvi.SCAR.get_ambient_profile(adata.copy(), raw, layer="counts")

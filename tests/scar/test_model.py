@@ -137,3 +137,32 @@ def test_every_likelihood_supports_the_api(likelihood, small):
     assert np.isfinite(model.get_marginal_ll(indices=idx, n_mc_samples=4))
     den = model.get_denoised_counts(indices=idx)
     assert (den.toarray() <= adata.X[idx].toarray()).all()
+
+
+def test_base_class_methods_that_scvi_breaks(trained, monkeypatch, capsys):
+    adata, _, model = trained
+    idx = np.arange(40)
+    # n_samples_overall: (n_samples_overall, genes) samples (scvi-tools labels them with obs_names and fails)
+    overall = model.get_normalized_expression(indices=idx, n_samples_overall=25)
+    assert isinstance(overall, np.ndarray) and overall.shape == (25, adata.n_vars)
+    np.testing.assert_allclose(overall.sum(1), 1.0, atol=1e-4)
+    genes = list(adata.var_names[:6])
+    as_df = model.get_normalized_expression(indices=idx, n_samples_overall=7, gene_list=genes, return_numpy=False)
+    assert list(as_df.columns) == genes and as_df.shape == (7, 6)
+    # importance weights: float64 summing to 1 (float32 ones made numpy.random.choice fail at random)
+    seen = []
+    orig = model.get_importance_weights
+    monkeypatch.setattr(model, "get_importance_weights", lambda *a, **k: seen.append(orig(*a, **k)) or seen[-1])
+    model.get_normalized_expression(indices=idx, n_samples_overall=30, weights="importance", n_mc_samples=4,
+                                    n_mc_samples_per_pass=2)
+    assert seen and seen[0].dtype == np.float64 and abs(seen[0].sum() - 1.0) < 1e-12
+    # view helpers (scvi-tools calls rich.pretty without importing it)
+    model.view_anndata_setup(hide_state_registries=True)
+    assert "batch_key" in capsys.readouterr().out
+    # an AnnData registered only through the model can be deregistered
+    other = adata[:30].copy()
+    model.get_contamination_fraction(other)
+    uuid = other.uns["_scvi_uuid"]
+    assert uuid in model._per_instance_manager_store[model.id]
+    model.deregister_manager(other)
+    assert uuid not in model._per_instance_manager_store[model.id]

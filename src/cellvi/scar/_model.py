@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+import rich.pretty  # noqa: F401  scvi-tools' view_anndata_setup/view_setup_args use it without importing it
 import torch
 from scipy import sparse
 from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager
+from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model.base import BaseModelClass, RNASeqMixin, UnsupervisedTrainingMixin, VAEMixin
 from scvi.module.base._decorators import _move_data_to_device
@@ -754,3 +756,174 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         return dist.MixtureSameFamily(
             dist.Categorical(logits=torch.ones(loc.shape[0], device=self.device)), dist.Independent(comp, 1)
         )
+
+    # -- base-class methods that fail as inherited from scvi-tools 1.4 -----------------------------
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch: Sequence[int | float | str] | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | Literal["latent"] = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        weights: Literal["uniform", "importance"] | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        silent: bool = True,
+        dataloader=None,
+        data_loader_kwargs: dict | None = None,
+        **importance_weighting_kwargs,
+    ) -> np.ndarray | pd.DataFrame:
+        r"""Returns the normalized (decoded) gene expression: the native frequencies ``f_c``.
+
+        This is denoted as :math:`\rho_n` in the scVI paper. For SCAR it is the cell's expression
+        without ambient RNA; each row sums to ``library_size`` (to 1 by default), not to ``1 - rho_c``.
+
+        Parameters
+        ----------
+        adata
+            AnnData object with equivalent structure to initial AnnData. If `None`, defaults to the
+            AnnData object used to initialize the model.
+        indices
+            Indices of cells in adata to use. If `None`, all cells are used.
+        transform_batch
+            Batch to condition on. If transform_batch is: - None, then real observed batch is used.
+            - int, then batch transform_batch is used. - Otherwise based on string.
+        gene_list
+            Return frequencies of expression for a subset of genes.
+        library_size
+            Scale the expression frequencies to a common library size. If set to `"latent"`, use the
+            latent library size (for SCAR the observed library, or the registered size factor).
+        n_samples
+            Number of posterior samples to use for estimation.
+        n_samples_overall
+            Number of posterior samples to use for estimation. Overrides `n_samples`.
+        weights
+            Weights to use for sampling. If `None`, defaults to `"uniform"`.
+        batch_size
+            Minibatch size for data loading into model. Defaults to `scvi.settings.batch_size`.
+        return_mean
+            Whether to return the mean of the samples.
+        return_numpy
+            Return a :class:`~numpy.ndarray` instead of a :class:`~pandas.DataFrame`. With
+            ``n_samples_overall`` the result is an array unless ``return_numpy=False`` (then a
+            DataFrame with the genes as columns and one row per sample).
+        silent
+            If True, disables the progress bar.
+        dataloader
+            An iterator over minibatches of data on which to compute the metric.
+        data_loader_kwargs
+            Keyword args for data loader, in dict form.
+        **importance_weighting_kwargs
+            Keyword arguments passed into :meth:`get_importance_weights`.
+
+        Returns
+        -------
+        With ``n_samples > 1`` and not ``return_mean``: an array (n_samples, n_cells, n_genes).
+        Otherwise (n_cells, n_genes), a DataFrame indexed by ``obs_names`` unless ``return_numpy``.
+        With ``n_samples_overall``: (n_samples_overall, n_genes) sampled over the cells.
+        """
+        overall = n_samples_overall is not None
+        out = super().get_normalized_expression(
+            adata=adata,
+            indices=indices,
+            transform_batch=transform_batch,
+            gene_list=gene_list,
+            library_size=library_size,
+            n_samples=n_samples,
+            n_samples_overall=n_samples_overall,
+            weights=weights,
+            batch_size=batch_size,
+            return_mean=return_mean,
+            # scvi-tools labels the (n_samples_overall, G) samples with the cells' names and fails
+            return_numpy=True if overall else return_numpy,
+            silent=silent,
+            dataloader=dataloader,
+            data_loader_kwargs=data_loader_kwargs,
+            **importance_weighting_kwargs,
+        )
+        if overall and return_numpy is False:
+            adata_v = self._validate_anndata(adata)
+            genes = adata_v.var_names if gene_list is None else adata_v.var_names[adata_v.var_names.isin(gene_list)]
+            return pd.DataFrame(out, columns=genes)
+        return out
+
+    def get_importance_weights(
+        self,
+        adata: AnnData | None,
+        indices: Sequence[int] | None,
+        qz: torch.distributions.Distribution,
+        px: torch.distributions.Distribution,
+        zs: torch.Tensor,
+        max_cells: int = 1024,
+        truncation: bool = False,
+        n_mc_samples: int = 500,
+        n_mc_samples_per_pass: int = 250,
+        **data_loader_kwargs,
+    ) -> np.ndarray:
+        """Computes importance weights for the given samples.
+
+        As :meth:`scvi.model.base.RNASeqMixin.get_importance_weights` (anchors scored with the full
+        native + ambient likelihood, consistent with :meth:`get_marginal_ll`), returned as float64
+        weights that sum to 1 (scvi-tools' float32 weights can miss 1 by more than
+        :func:`numpy.random.choice` accepts, which made ``weights="importance"`` fail at random).
+
+        Parameters
+        ----------
+        adata
+            Data to use for computing importance weights.
+        indices
+            Indices of cells in adata to use.
+        qz
+            Variational posterior distributions of the cells, aligned with indices.
+        px
+            Count distributions of the cells, aligned with indices.
+        zs
+            Samples associated with indices.
+        max_cells
+            Maximum number of cells used to estimated the importance weights.
+        truncation
+            Whether importance weights should be truncated (Ionides, 2008).
+        n_mc_samples
+            Number of Monte Carlo samples to use for estimating the importance weights.
+        n_mc_samples_per_pass
+            Number of Monte Carlo samples to use for each pass.
+        **data_loader_kwargs
+            Keyword args for data loader.
+
+        Returns
+        -------
+        Array of importance weights (float64, summing to 1) aligned with the provided `indices`.
+        """
+        w = super().get_importance_weights(
+            adata,
+            indices,
+            qz=qz,
+            px=px,
+            zs=zs,
+            max_cells=max_cells,
+            truncation=truncation,
+            n_mc_samples=n_mc_samples,
+            n_mc_samples_per_pass=n_mc_samples_per_pass,
+            **data_loader_kwargs,
+        )
+        w = np.asarray(w, dtype=np.float64)
+        return w / w.sum()
+
+    def deregister_manager(self, adata: AnnData | None = None):
+        """Deregisters the :class:`~scvi.data.AnnDataManager` instance associated with `adata`.
+
+        If `adata` is `None`, deregisters all :class:`~scvi.data.AnnDataManager` instances in both
+        the class and instance-specific manager stores, except for the one associated with this
+        model instance. An AnnData registered only with this model (through a ``get_*`` call or
+        :meth:`transfer_fields`) is deregistered too (scvi-tools raises for it).
+        """
+        if adata is not None:
+            uuid = adata.uns.get(_SCVI_UUID_KEY)
+            own = self._per_instance_manager_store.get(self.id, {})
+            if uuid is not None and uuid not in self._setup_adata_manager_store and uuid in own:
+                del own[uuid]
+                return
+        super().deregister_manager(adata)

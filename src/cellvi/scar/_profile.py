@@ -165,6 +165,8 @@ def get_ambient_profile(
     cols = raw_adata.var_names.get_indexer(adata.var_names)
     if np.array_equal(cols, np.arange(raw_adata.n_vars)):
         cols = None
+    if layer is not None and layer not in raw_adata.layers:
+        raise ValueError(f"layer={layer!r} is not a layer of raw_adata; its layers are {list(raw_adata.layers)}.")
     raw_X = raw_adata.X if layer is None else raw_adata.layers[layer]
     check_counts(raw_X, "raw_adata.X" if layer is None else f"raw_adata.layers[{layer!r}]")
 
