@@ -18,6 +18,18 @@ compact (still sparse) minibatch is copied through pinned memory (``data_path="s
 - :func:`make_data_loader` -- the same choice for a model's ``get_*`` methods
   (``_data_loader_cls = staticmethod(make_data_loader)``).
 - :func:`resolve_data_path` -- the rule of ``data_path="auto"``.
+- :func:`write_in_chunks` -- larger-than-memory outputs: a ``get_*`` method (denoised counts,
+  latent representation, velocity ...) called one chunk of cells at a time and appended to an
+  h5ad file (sparse stays CSR).
+
+Memory use
+----------
+Training from a backed AnnData (``anndata.read_h5ad(path, backed="r")``, ``data_path="backed"``
+or ``"auto"``) holds one buffer of ``chunk_size * buffer_chunks`` rows of the registered arrays
+(as read from disk, sparse stays sparse) plus the model and one dense minibatch; the matrix is
+never whole in memory. :func:`write_in_chunks` holds one chunk's output (``chunk_size`` rows,
+CSR or dense) plus the method's own minibatches, whatever the number of cells, so a model set up
+on a backed AnnData writes its outputs for an atlas with memory bounded by the chunk size.
 
 Multi-process training (DDP)
 ----------------------------
@@ -39,6 +51,7 @@ same parameters as one process with twice the minibatch size).
 """
 
 from ._backed import BackedDataLoader, backed_supported
+from ._chunked import write_in_chunks
 from ._loader import DeviceDataLoader
 from ._mixin import DATA_PATH_DOC, DataPathMixin, SemiSupervisedDataPathMixin, with_data_path
 from ._sampler import MinibatchSampler
@@ -72,4 +85,5 @@ __all__ = [
     "registered_in_memory",
     "resolve_data_path",
     "with_data_path",
+    "write_in_chunks",
 ]

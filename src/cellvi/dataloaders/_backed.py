@@ -82,7 +82,7 @@ class BackedDataLoader:
         Rows read from disk at once.
     buffer_chunks
         Chunks whose rows are shuffled together.
-    num_replicas, rank, seed
+    num_replicas, rank, seed, draw_base_seed
         As for :class:`DeviceDataLoader`.
     **kwargs
         torch ``DataLoader`` keyword arguments passed by scvi; they have no effect.
@@ -107,6 +107,7 @@ class BackedDataLoader:
         rank: int | None = None,
         seed: int | None = None,
         drop_dataset_tail: bool = False,
+        draw_base_seed: bool = True,
         **kwargs,
     ):
         unknown = sorted(set(kwargs) - _IGNORED_DATALOADER_KWARGS - {"store", "stream"})
@@ -122,6 +123,7 @@ class BackedDataLoader:
         self.drop_last = bool(drop_last)
         self.iter_ndarray = bool(iter_ndarray)
         self.load_sparse_tensor = bool(load_sparse_tensor)
+        self.draw_base_seed = bool(draw_base_seed)
         self.device = torch.device("cpu" if device is None else device)
         self.keys_and_dtypes = keys_and_dtypes(adata_manager, data_and_attributes)
         self._fields = {}
@@ -221,7 +223,8 @@ class BackedDataLoader:
         return self._batches()
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        _draw_base_seed()  # as torch's DataLoader (see DeviceDataLoader)
+        if self.draw_base_seed:
+            _draw_base_seed()  # as torch's DataLoader (see DeviceDataLoader)
         rng = None
         if self.shuffle:
             if self.distributed:

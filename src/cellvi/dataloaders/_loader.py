@@ -126,6 +126,12 @@ class DeviceDataLoader:
         (scvi's default behaviour); an integer makes the order a function of ``seed + epoch``
         only (as :class:`~torch.utils.data.DistributedSampler`, and the default 0 when
         distributed).
+    draw_base_seed
+        Whether each iteration makes the draw from torch's global generator that torch's
+        ``DataLoader`` makes (its workers' base seed), so that seeded training consumes torch's
+        generator as with scvi's loader (default). :func:`make_data_loader` turns it off for the
+        ``get_*`` methods: a sampling method then gives the same draws whether it is called once
+        or chunk by chunk.
     **kwargs
         Keyword arguments of :class:`torch.utils.data.DataLoader` that scvi passes on
         (``num_workers``, ``pin_memory``, ``persistent_workers`` ...) are accepted and have no
@@ -164,6 +170,7 @@ class DeviceDataLoader:
         num_replicas: int | None = None,
         rank: int | None = None,
         seed: int | None = None,
+        draw_base_seed: bool = True,
         **kwargs,
     ):
         unknown = sorted(set(kwargs) - _IGNORED_DATALOADER_KWARGS)
@@ -177,6 +184,7 @@ class DeviceDataLoader:
         self.keys_and_dtypes = keys_and_dtypes(adata_manager, data_and_attributes)
         self.iter_ndarray = bool(iter_ndarray)
         self.load_sparse_tensor = bool(load_sparse_tensor)
+        self.draw_base_seed = bool(draw_base_seed)
 
         if store is None:
             if device is None:
@@ -231,7 +239,7 @@ class DeviceDataLoader:
 
     def _batches(self, seed_drawn: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         # Runs on the first ``next``: Lightning calls ``iter`` once just to check the loader.
-        if not seed_drawn:
+        if self.draw_base_seed and not seed_drawn:
             _draw_base_seed()
         keys = list(self.keys_and_dtypes)
         if isinstance(self.sampler, MinibatchSampler):

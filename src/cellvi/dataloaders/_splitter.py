@@ -436,7 +436,10 @@ def make_data_loader(
     AnnData (minibatches keep the order of ``indices``; scvi's loader sorts each backed
     minibatch) and scvi's ``AnnDataLoader`` otherwise, by the rule of :func:`resolve_data_path`.
     Minibatches are returned on ``device`` (default: the CPU; the model moves them, as with
-    scvi's loader).
+    scvi's loader). cellvi's loaders here make no draw from torch's global generator when they
+    start (torch's ``DataLoader`` draws a base seed per iteration), so a seeded sampling
+    ``get_*`` method gives the same draws called once or chunk by chunk
+    (:func:`cellvi.dataloaders.write_in_chunks`).
     """
     from scvi.dataloaders import AnnDataLoader
 
@@ -444,7 +447,9 @@ def make_data_loader(
     path = resolve_data_path(data_path, adata_manager, target, kwargs.get("data_and_attributes"))
     common = dict(indices=indices, batch_size=batch_size, shuffle=shuffle, **kwargs)
     if path in ("device", "stream"):
-        return DeviceDataLoader(adata_manager, device=target, stream=path == "stream", **common)
+        return DeviceDataLoader(
+            adata_manager, device=target, stream=path == "stream", draw_base_seed=False, **common
+        )
     if path == "backed":
-        return BackedDataLoader(adata_manager, device=target, **common)
+        return BackedDataLoader(adata_manager, device=target, draw_base_seed=False, **common)
     return AnnDataLoader(adata_manager, **common)
