@@ -319,6 +319,98 @@ def test_penalty_ramp_does_not_enter_early_stopping_metric(tissue):
         AttentionPenaltyMonitor(flavor="cubic")
 
 
+def test_second_train_call_trains_with_dropout_and_logs_per_epoch(tissue):
+    """A second ``train`` call trains the module in training mode (scvi leaves it in eval mode)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class Modes(Callback):
+        def __init__(self):
+            self.modes = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.modes.append(all(m.training for m in pl_module.module.modules()))
+
+    scvi.settings.seed = 0
+    model = AMICI(_setup(tissue[:400].copy()), **TINY)
+    model.train(max_epochs=2, enable_progress_bar=False, check_val_every_n_epoch=1)
+    assert not model.module.training  # left in eval mode after training
+    modes = Modes()
+    model.train(max_epochs=2, enable_progress_bar=False, callbacks=[modes], check_val_every_n_epoch=1)
+    assert modes.modes and all(modes.modes)
+    # metrics are logged once per epoch (not per step) under scvi's names; scvi appends the second call's
+    h = model.history
+    assert len(h["train_loss"]) == len(h["elbo_validation"]) == 4
+    assert np.isfinite(h["reconstruction_loss_train"].to_numpy(dtype=float)).all()
+
+
+def test_attention_from_hidden_layer_equals_keys_and_values(trained):
+    """The training path (key projection on the type queries, value projection after the attention sum)
+    gives the scores and head residuals of explicit per-neighbour keys and values."""
+    model, _ = trained
+    module = model.module.eval()
+    batch = next(iter(model._make_data_loader(model.adata, np.arange(100), 100)))
+    with torch.inference_mode():
+        inf, gen = module(batch, compute_loss=False)
+        labels, inv = batch["labels"].reshape(-1), batch["nn_inverse"]
+        q = module.queries(labels)[0]  # (B, H, D)
+        base = torch.einsum("bhd,bkhd->bhk", q, inf["keys"][inv]) / np.sqrt(module.n_head_size)
+        torch.testing.assert_close(gen["base_scores"], base, rtol=1e-4, atol=1e-4)
+        z = torch.einsum("bhk,bkhd->bhd", gen["attention"][..., :-1], inf["values"][inv])
+        torch.testing.assert_close(
+            gen["head_residuals"], torch.einsum("bhd,hdg->bhg", z, module.head_out), rtol=1e-4, atol=1e-4
+        )
+    module.train()
+    inf_train = module.inference(**module._get_inference_input(batch))
+    assert "keys" not in inf_train and "values" not in inf_train  # not computed per neighbour in training
+    module.eval()
+
+
+def test_spatial_patch_sampler_covers_cells_and_shares_neighbours(tissue):
+    from cellvi.amici._data import NeighborLoader, SpatialPatchSampler, morton_order
+
+    coords = tissue.obsm["spatial"]
+    order = morton_order(coords)
+    assert sorted(order.tolist()) == list(range(tissue.n_obs))
+    # consecutive cells of the order are close: far closer than consecutive cells of a random order
+    step = np.linalg.norm(np.diff(coords[order], axis=0), axis=1).mean()
+    rand = np.linalg.norm(np.diff(coords[np.random.default_rng(0).permutation(tissue.n_obs)], axis=0), axis=1)
+    assert step < 0.2 * rand.mean()
+
+    n = 1000
+    sampler = SpatialPatchSampler(coords[:n], batch_size=64, shuffle=True, patch_size=16, seed=3)
+    first = torch.cat(list(sampler))
+    assert sorted(first.tolist()) == list(range(n))  # every cell once per epoch
+    sampler.set_epoch(1)
+    assert not torch.equal(first, torch.cat(list(sampler)))
+    # two ranks split every minibatch of the one-process sampler with twice the minibatch size
+    ranks = [
+        SpatialPatchSampler(coords[:n], 32, True, patch_size=16, num_replicas=2, rank=r, seed=3)
+        for r in (0, 1)
+    ]
+    for b, r0, r1 in zip(sampler.__class__(coords[:n], 64, True, patch_size=16, seed=3), *ranks, strict=True):
+        torch.testing.assert_close(torch.cat([r0, r1]), b)
+
+    a = _setup(tissue.copy())
+    manager = AMICI(a, **TINY).adata_manager
+    from cellvi.amici._data import TRAIN_FIELDS
+
+    def mean_unique(patch_size):
+        loader = NeighborLoader(
+            manager, batch_size=128, shuffle=True, coords=coords, patch_size=patch_size,
+            data_and_attributes=dict(TRAIN_FIELDS), seed=0,
+        )  # fmt: skip
+        batches = list(loader)
+        rows = torch.cat([b["_indices"] for b in batches])
+        assert sorted(rows.tolist()) == list(range(tissue.n_obs))
+        b = batches[0]  # the gathered neighbours are the registered neighbour rows
+        torch.testing.assert_close(
+            b["nn_x_unique"][b["nn_inverse"]], torch.as_tensor(np.asarray(a.X))[b["nn_idx"]]
+        )
+        return np.mean([len(b["nn_x_unique"]) for b in batches])
+
+    assert mean_unique(16) < 0.5 * mean_unique(1)
+
+
 def test_cli_trains_and_saves(tissue, tmp_path):
     import argparse
 
