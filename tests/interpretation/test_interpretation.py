@@ -242,7 +242,7 @@ def test_counterfactual_schema_head_idxs_and_the_models_dummy_score(model):
     # senders: exactly the cells in some A receiver's neighbour list
     rows = model.adata.obs["cell_type"] == "A"
     senders = np.unique(model.adata.obsm["_nn_idx"][rows.to_numpy()])
-    assert set(df["neighbor_idx"]) == set(model.adata.obs_names[senders])
+    assert set(df["neighbor_idx"]) == set(senders) and df["neighbor_idx"].dtype == np.int64  # positions, as amici-st
     with pytest.raises(ValueError, match="head_idxs"):
         cf.calculate_length_scales(head_idxs=[0])
     curves = cf.calculate_counterfactual_attention_at_distances(3, [0.0, 5.0, 50.0])
@@ -284,6 +284,15 @@ def test_length_scale_artefact_filter_and_plots(model, tmp_path):
     fig2 = cf.plot_length_scale_distribution(head_idxs=[0, 1], plot_kde=True, show=False)
     assert set(fig2.length_scales["head_idx"]) == {0, 1}
     assert cf.plot_counterfactual_attention_summary(0, np.linspace(0, 60, 13), show=False).axes
+    # numeric or categorical columns only
+    ci = cf.length_scale_confidence_intervals(n_bootstrap=200)
+    assert isinstance(ci["neighbor_label"].dtype, pd.CategoricalDtype)
+    curves = cf.calculate_counterfactual_attention_at_distances(0, [30.0, 0.0, 10.0])
+    assert isinstance(curves["query_label"].dtype, pd.CategoricalDtype) and curves["neighbor_idx"].dtype == np.int64
+    # distances in any order: the curves are drawn against the right distances (attention decays with them)
+    fig = cf.plot_counterfactual_attention_summary(0, [30.0, 0.0, 10.0], show=False)
+    means = [ln for ln in fig.axes[0].lines if not ln.get_label().startswith("_")]
+    assert means and all(np.all(np.diff(ln.get_xdata()) > 0) and np.all(np.diff(ln.get_ydata()) < 0) for ln in means)
 
 
 # ---------------------------------------------------------------------------- explained variance

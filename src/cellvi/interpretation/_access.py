@@ -135,7 +135,9 @@ class ModelData:
             return indices
         if coords.ndim != 2 or coords.shape[0] != len(self.obs_names) or len(indices) < 2:
             return indices
-        return indices[np.argsort(z_order_code(coords[indices]), kind="stable")]
+        from cellvi.amici._data import morton_order
+
+        return indices[morton_order(coords[indices])]
 
     def batches(self, indices: np.ndarray, batch_size: int, prog_bar: bool = False, desc: str = "") -> Iterator:
         """Gathered minibatches of receivers ``indices`` (on the model's device)."""
@@ -177,21 +179,6 @@ class ModelData:
             ss += (x * x).sum(0)
         var = (ss - s * s / n) / max(n - 1, 1)
         return var.clamp(min=0).sqrt()
-
-
-def z_order_code(coords: np.ndarray) -> np.ndarray:
-    """Morton (Z-order) code of the first two coordinates, 16 bits each (vectorised)."""
-    xy = np.asarray(coords, dtype=np.float64)[:, :2]
-    lo, span = xy.min(0), np.ptp(xy, axis=0)
-    q = ((xy - lo) / np.where(span > 0, span, 1.0) * 65535).astype(np.uint64)
-
-    def spread(v):
-        v = (v | (v << np.uint64(8))) & np.uint64(0x00FF00FF)
-        v = (v | (v << np.uint64(4))) & np.uint64(0x0F0F0F0F)
-        v = (v | (v << np.uint64(2))) & np.uint64(0x33333333)
-        return (v | (v << np.uint64(1))) & np.uint64(0x55555555)
-
-    return spread(q[:, 0]) | (spread(q[:, 1]) << np.uint64(1))
 
 
 class eval_mode:

@@ -92,7 +92,8 @@ class AMICICounterfactualAttentionModule:
         Returns
         -------
         :class:`AMICICounterfactualAttentionModule` with the scores in ``_counterfactual_attention_df``,
-        one row per (sender, head), with columns ``query_label``, ``neighbor_idx`` (obs name),
+        one row per (sender, head), with columns ``query_label``, ``neighbor_idx`` (int64 position of
+        the sender in ``adata``, as in ``amici-st``; ``adata.obs_names[neighbor_idx]`` gives its name),
         ``neighbor_label``, ``head_idx``, ``base_attention_score``, ``pos_coef``,
         ``dummy_attention_score`` and ``distance_kernel_unit_scale``.
         """
@@ -122,7 +123,7 @@ class AMICICounterfactualAttentionModule:
         df = pd.DataFrame(
             {
                 "query_label": pd.Categorical([data.categories[code]] * (n * h), dtype=cats),
-                "neighbor_idx": np.repeat(np.asarray(data.obs_names[candidates], dtype=object), h),
+                "neighbor_idx": np.repeat(candidates.astype(np.int64), h),
                 "neighbor_label": pd.Categorical.from_codes(np.repeat(data.labels[candidates], h), dtype=cats),
                 "head_idx": np.tile(np.asarray(heads, dtype=np.int64), n),
                 "base_attention_score": base.reshape(-1),
@@ -195,8 +196,9 @@ class AMICICounterfactualAttentionModule:
         n, m = att.shape
         return pd.DataFrame(
             {
-                "query_label": np.repeat(rows["query_label"].to_numpy(), m),
-                "neighbor_idx": np.repeat(rows["neighbor_idx"].to_numpy(), m),
+                "query_label": pd.Categorical(np.repeat(rows["query_label"].to_numpy(), m),
+                                              dtype=rows["query_label"].dtype),
+                "neighbor_idx": np.repeat(rows["neighbor_idx"].to_numpy(np.int64), m),
                 "neighbor_label": pd.Categorical(np.repeat(rows["neighbor_label"].to_numpy(), m),
                                                  dtype=rows["neighbor_label"].dtype),
                 f"head_{head_idx}": att.reshape(-1),
@@ -248,7 +250,7 @@ class AMICICounterfactualAttentionModule:
         ls = np.clip(u / beta * (s - delta + math.log((1 - tau) / tau)), 0.0, None)
         out = pd.DataFrame(
             {
-                "neighbor_idx": rows["neighbor_idx"].to_numpy(),
+                "neighbor_idx": rows["neighbor_idx"].to_numpy(np.int64),
                 "neighbor_label": rows["neighbor_label"].to_numpy(),
                 "head_idx": rows["head_idx"].to_numpy(np.int64),
                 "length_scale": ls,
@@ -298,7 +300,8 @@ class AMICICounterfactualAttentionModule:
                           confidence=confidence, random_state=random_state)
         parts = ci.index.to_series().str.split("\x1f", expand=True)
         ci = ci.reset_index(drop=True)
-        ci.insert(0, "neighbor_label", parts[1].to_numpy() if len(parts) else [])
+        ci.insert(0, "neighbor_label", pd.Categorical(parts[1].to_numpy() if len(parts) else [],
+                                                      dtype=ls["neighbor_label"].dtype))
         ci.insert(0, "head_idx", parts[0].astype(np.int64).to_numpy() if len(parts) else np.zeros(0, np.int64))
         return ci.sort_values(["head_idx", "neighbor_label"], ignore_index=True)
 
@@ -323,12 +326,14 @@ class AMICICounterfactualAttentionModule:
             curves = curves[curves["neighbor_label"].isin(list(neighbor_ct_sub))]
         senders = [c for c in curves["neighbor_label"].cat.categories if (curves["neighbor_label"] == c).any()]
         colours = palette_for(senders, palette)
-        d = np.unique(np.asarray(distances, dtype=np.float64))
+        d = np.asarray(distances, dtype=np.float64).ravel()
+        order = np.argsort(d, kind="stable")  # the curves keep the caller's order; plot them by distance
+        d = d[order]
         fig, ax = new_figure(1, 1, width=5.5, height=4)
         a = ax[0, 0]
         rng = np.random.default_rng(0)
         for s in senders:
-            att = curves.loc[curves["neighbor_label"] == s, col].to_numpy().reshape(-1, len(d))
+            att = curves.loc[curves["neighbor_label"] == s, col].to_numpy().reshape(-1, len(d))[:, order]
             for i in rng.choice(len(att), min(n_curves, len(att)), replace=False):
                 a.plot(d, att[i], color=colours[s], alpha=0.15, lw=0.7)
             m, sd = att.mean(0), att.std(0)
