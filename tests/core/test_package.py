@@ -41,3 +41,14 @@ def test_registries_resolve():
         assert callable(importlib.import_module(f"cellvi.{name}._cli").add_parser)
     for name in demo.SECTIONS:
         assert callable(importlib.import_module(f"cellvi.{name}._demo").run)
+
+
+def test_test_modules_have_unique_basenames():
+    # tests/ has no __init__.py files (pytest's rootdir-relative "prepend" import): two test or helper
+    # modules with the same file name in different folders collide when one worker collects both
+    from collections import Counter
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parents[1]
+    names = Counter(p.name for p in tests.rglob("*.py") if p.name != "conftest.py")
+    assert [n for n, c in names.items() if c > 1] == []
