@@ -15,8 +15,9 @@ Models and submodules are imported on first use, so ``import cellvi`` stays chea
 
 from __future__ import annotations
 
-from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+
+from cellvi._lazy import lazy_exports
 
 try:
     __version__ = version("cellvi")
@@ -36,16 +37,6 @@ _SUBMODULES = (
     "interpretation",
 )
 
-__all__ = [*_MODELS, *_SUBMODULES]
+__all__ = list(_MODELS) + list(_SUBMODULES)
 
-
-def __getattr__(name: str):
-    if name in _MODELS:
-        return getattr(import_module(_MODELS[name]), name)
-    if name in _SUBMODULES:
-        return import_module(f"cellvi.{name}")
-    raise AttributeError(f"module 'cellvi' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _MODELS, {name: f"cellvi.{name}" for name in _SUBMODULES})

@@ -12,7 +12,7 @@ so tests, demos, benchmarks and users share the same data.
 
 from __future__ import annotations
 
-from importlib import import_module
+from cellvi._lazy import lazy_exports
 
 # public function -> module that defines it
 _FUNCTIONS: dict[str, str] = {
@@ -24,12 +24,4 @@ _FUNCTIONS: dict[str, str] = {
 
 __all__ = list(_FUNCTIONS)
 
-
-def __getattr__(name: str):
-    if name in _FUNCTIONS:
-        return getattr(import_module(_FUNCTIONS[name]), name)
-    raise AttributeError(f"module 'cellvi.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _FUNCTIONS)

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from importlib import import_module
+from cellvi._lazy import lazy_exports
 
 # Imported on first use, so that ``cellvi fadvi --help`` does not pay for torch and Lightning.
 _LAZY: dict[str, str] = {
@@ -21,12 +21,4 @@ _LAZY: dict[str, str] = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'cellvi.fadvi' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -31,7 +31,7 @@ Examples
 
 from __future__ import annotations
 
-from importlib import import_module
+from cellvi._lazy import lazy_exports
 
 _NAMES: dict[str, str] = {
     "AMICIAttentionModule": "cellvi.interpretation._attention",
@@ -40,16 +40,6 @@ _NAMES: dict[str, str] = {
     "AMICIAblationModule": "cellvi.interpretation._ablation",
 }
 
-__all__ = [*_NAMES, "stats"]
+__all__ = list(_NAMES) + ["stats"]
 
-
-def __getattr__(name: str):
-    if name in _NAMES:
-        return getattr(import_module(_NAMES[name]), name)
-    if name == "stats":
-        return import_module("cellvi.interpretation._stats")
-    raise AttributeError(f"module 'cellvi.interpretation' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _NAMES, {"stats": "cellvi.interpretation._stats"})

@@ -5,14 +5,10 @@ The model is imported on first use, so ``cellvi scar --help`` does not pay for t
 
 from __future__ import annotations
 
-from importlib import import_module
+from cellvi._lazy import lazy_exports
 
 _LAZY = {"SCAR": "cellvi.scar._model", "SCARModule": "cellvi.scar._module"}
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'cellvi.scar' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
