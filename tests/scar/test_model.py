@@ -74,7 +74,11 @@ def test_inherited_methods(trained):
 def test_save_load_roundtrip(trained, tmp_path):
     adata, _, model = trained
     assert "ambient_profile" in model.module.state_dict()
+    # the saved registry holds the setup arguments only (it once held the whole count matrix)
+    assert set(model.registry_["setup_args"]) == {"batch_key", "labels_key", "layer", "size_factor_key"}
     model.save(tmp_path / "scar", save_anndata=False)
+    n_params = sum(t.numel() for t in model.module.state_dict().values())
+    assert (tmp_path / "scar" / "model.pt").stat().st_size < 4 * n_params + 200_000
     loaded = cellvi.SCAR.load(tmp_path / "scar", adata=adata)
     torch.testing.assert_close(loaded.module.ambient_profile, model.module.ambient_profile)
     pd.testing.assert_series_equal(loaded.get_contamination_fraction(), model.get_contamination_fraction())
@@ -119,8 +123,12 @@ def test_batch_key_is_used(small):
 def test_every_likelihood_supports_the_api(likelihood, small):
     adata, _ = small(seed=2)
     cellvi.SCAR.setup_anndata(adata, labels_key="cell_type")
-    model = cellvi.SCAR(adata, ambient_profile=adata.varm["ambient_profile_true"], gene_likelihood=likelihood,
-                        latent_distribution="ln" if likelihood == "nb" else "normal")
+    model = cellvi.SCAR(
+        adata,
+        ambient_profile=adata.varm["ambient_profile_true"],
+        gene_likelihood=likelihood,
+        latent_distribution="ln" if likelihood == "nb" else "normal",
+    )
     model.train(max_epochs=2, enable_progress_bar=False)
     idx = np.arange(30)
     ne = model.get_normalized_expression(indices=idx)
@@ -131,8 +139,12 @@ def test_every_likelihood_supports_the_api(likelihood, small):
     assert ("dropout" in params) == (likelihood == "zinb")
     assert model.get_feature_correlation_matrix(indices=idx, n_samples=2).shape == (adata.n_vars,) * 2
     assert model.posterior_predictive_sample(indices=idx, n_samples=2).shape == (30, adata.n_vars, 2)
-    de = model.differential_expression(groupby="cell_type", group1=["type_0"], weights="importance",
-                                       importance_weighting_kwargs={"n_mc_samples": 4, "n_mc_samples_per_pass": 2})
+    de = model.differential_expression(
+        groupby="cell_type",
+        group1=["type_0"],
+        weights="importance",
+        importance_weighting_kwargs={"n_mc_samples": 4, "n_mc_samples_per_pass": 2},
+    )
     assert len(de) == adata.n_vars
     assert np.isfinite(model.get_marginal_ll(indices=idx, n_mc_samples=4))
     den = model.get_denoised_counts(indices=idx)
@@ -147,18 +159,30 @@ def test_base_class_methods_that_scvi_breaks(trained, monkeypatch, capsys):
     assert isinstance(overall, np.ndarray) and overall.shape == (25, adata.n_vars)
     np.testing.assert_allclose(overall.sum(1), 1.0, atol=1e-4)
     genes = list(adata.var_names[:6])
-    as_df = model.get_normalized_expression(indices=idx, n_samples_overall=7, gene_list=genes, return_numpy=False)
+    as_df = model.get_normalized_expression(
+        indices=idx, n_samples_overall=7, gene_list=genes, return_numpy=False
+    )
     assert list(as_df.columns) == genes and as_df.shape == (7, 6)
     # importance weights: float64 summing to 1 (float32 ones made numpy.random.choice fail at random)
     seen = []
     orig = model.get_importance_weights
-    monkeypatch.setattr(model, "get_importance_weights", lambda *a, **k: seen.append(orig(*a, **k)) or seen[-1])
-    model.get_normalized_expression(indices=idx, n_samples_overall=30, weights="importance", n_mc_samples=4,
-                                    n_mc_samples_per_pass=2)
+    monkeypatch.setattr(
+        model, "get_importance_weights", lambda *a, **k: seen.append(orig(*a, **k)) or seen[-1]
+    )
+    model.get_normalized_expression(
+        indices=idx, n_samples_overall=30, weights="importance", n_mc_samples=4, n_mc_samples_per_pass=2
+    )
     assert seen and seen[0].dtype == np.float64 and abs(seen[0].sum() - 1.0) < 1e-12
     # view helpers (scvi-tools calls rich.pretty without importing it)
     model.view_anndata_setup(hide_state_registries=True)
     assert "batch_key" in capsys.readouterr().out
+    # view_registry / update_setup_method_args (scvi-tools reads a self._registry models do not have)
+    model.view_registry()
+    out = capsys.readouterr().out
+    assert "Summary Statistics" in out and "n_cells" in out
+    model.update_setup_method_args({"extra_note": 1})
+    assert model.get_setup_arg("extra_note") == 1
+    del model.registry_["setup_args"]["extra_note"]
     # an AnnData registered only through the model can be deregistered
     other = adata[:30].copy()
     model.get_contamination_fraction(other)

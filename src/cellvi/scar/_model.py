@@ -194,6 +194,8 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             factor, the provided size factor column will be used as offset in the mean of the
             likelihood. Assumed to be on linear scale. (The Binomial always uses the observed total.)
         """
+        # first, while locals() holds only the arguments (else the count matrix is saved with the model)
+        setup_method_args = cls._get_setup_method_args(**locals())
         check_layer(adata, layer)
         check_obs_key(adata, batch_key, "batch_key")
         check_obs_key(adata, labels_key, "labels_key")
@@ -205,7 +207,6 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             sf = np.asarray(adata.obs[size_factor_key], dtype=np.float64)
             if not np.all(np.isfinite(sf)) or np.any(sf <= 0):
                 raise ValueError(f"size_factor_key={size_factor_key!r}: size factors must be finite and > 0.")
-        setup_method_args = cls._get_setup_method_args(**locals())
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
@@ -256,11 +257,11 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         if prof.shape[0] != n_genes and prof.shape[1] == n_genes:
             prof = prof.T  # (batches, genes) given
         if prof.shape[0] != n_genes:
-            raise ValueError(f"{arg} has shape {prof.shape}; expected {n_genes} genes (one row per gene of adata).")
-        if prof.shape[1] not in (1, n_batch):
             raise ValueError(
-                f"{arg} has {prof.shape[1]} columns; expected 1 or one per batch ({n_batch})."
+                f"{arg} has shape {prof.shape}; expected {n_genes} genes (one row per gene of adata)."
             )
+        if prof.shape[1] not in (1, n_batch):
+            raise ValueError(f"{arg} has {prof.shape[1]} columns; expected 1 or one per batch ({n_batch}).")
         if not np.all(np.isfinite(prof)):
             raise ValueError(f"{arg} contains NaN or infinite values.")
         if np.any(prof < 0):
@@ -450,7 +451,11 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             if n_samples > 1:
                 counts = counts.median(0).values
             blocks.append(sparse.csr_matrix(counts.cpu().numpy().astype(np.int32)))
-        return sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix((0, self.summary_stats.n_vars))
+        return (
+            sparse.vstack(blocks, format="csr")
+            if blocks
+            else sparse.csr_matrix((0, self.summary_stats.n_vars))
+        )
 
     def get_contamination_fraction(
         self,
@@ -484,7 +489,9 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
             rho = px.noise_ratio[..., 0]
             vals.append((rho.mean(0) if n_samples > 1 else rho).cpu().numpy())
         return pd.Series(
-            np.concatenate(vals).astype(np.float64), index=self._cell_index(adata, indices), name="contamination"
+            np.concatenate(vals).astype(np.float64),
+            index=self._cell_index(adata, indices),
+            name="contamination",
         )
 
     def get_native_frequencies(
@@ -621,7 +628,9 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         ``give_mean``, (samples, cells, genes).
         """
         if dataloader is not None or data_loader_kwargs:
-            raise ValueError("dataloader and data loader kwargs are not supported by SCAR.get_likelihood_parameters.")
+            raise ValueError(
+                "dataloader and data loader kwargs are not supported by SCAR.get_likelihood_parameters."
+            )
         n_samples = n_samples or 1
         out: dict[str, list] = {}
         for _, px in self._decode(adata, indices, batch_size, n_samples=n_samples):
@@ -662,11 +671,15 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         Shape (cells, genes) or (cells, genes, samples).
         """
         out = []
-        for _, px in self._decode(adata, indices, batch_size, n_samples=n_samples, transform_batch=transform_batch):
+        for _, px in self._decode(
+            adata, indices, batch_size, n_samples=n_samples, transform_batch=transform_batch
+        ):
             rate = rna_size_factor * px.scale
             if self.module.gene_likelihood in ("nb", "zinb"):
                 theta = px.theta
-                rate = torch.distributions.Gamma(theta, theta / rate.clamp_min(1e-8), validate_args=False).sample()
+                rate = torch.distributions.Gamma(
+                    theta, theta / rate.clamp_min(1e-8), validate_args=False
+                ).sample()
             rate = rate.cpu().numpy()
             out.append(np.transpose(rate, (1, 2, 0)) if n_samples > 1 else rate)
         return np.concatenate(out, axis=0)
@@ -707,12 +720,14 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         Array (cells, 1).
         """
         if dataloader is not None or data_loader_kwargs:
-            raise ValueError("dataloader and data loader kwargs are not supported by SCAR.get_latent_library_size.")
+            raise ValueError(
+                "dataloader and data loader kwargs are not supported by SCAR.get_latent_library_size."
+            )
         adata = self._validate_anndata(adata)
         scdl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-        return np.concatenate(
-            [t[REGISTRY_KEYS.X_KEY].sum(-1, keepdim=True).numpy() for t in scdl]
-        ).astype(np.float32)
+        return np.concatenate([t[REGISTRY_KEYS.X_KEY].sum(-1, keepdim=True).numpy() for t in scdl]).astype(
+            np.float32
+        )
 
     @torch.inference_mode()
     def get_aggregated_posterior(
@@ -846,7 +861,11 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         )
         if overall and return_numpy is False:
             adata_v = self._validate_anndata(adata)
-            genes = adata_v.var_names if gene_list is None else adata_v.var_names[adata_v.var_names.isin(gene_list)]
+            genes = (
+                adata_v.var_names
+                if gene_list is None
+                else adata_v.var_names[adata_v.var_names.isin(gene_list)]
+            )
             return pd.DataFrame(out, columns=genes)
         return out
 
@@ -927,3 +946,44 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
                 del own[uuid]
                 return
         super().deregister_manager(adata)
+
+    def view_registry(self, hide_state_registries: bool = False) -> None:
+        """Prints summary of the registry.
+
+        (scvi-tools 1.4 reads a ``self._registry`` attribute that models do not have and fails; this
+        prints the registry of the model's AnnData, or the saved registry of a model loaded without one.)
+
+        Parameters
+        ----------
+        hide_state_registries
+            If True, prints a shortened summary without details of each state registry.
+        """
+        if self._adata_manager is not None:
+            self._adata_manager.view_registry(hide_state_registries=hide_state_registries)
+            return
+        import rich
+        from scvi.data._constants import _SCVI_VERSION_KEY
+
+        rich.print(f"Anndata setup with scvi-tools version {self.registry_.get(_SCVI_VERSION_KEY)}.")
+        AnnDataManager.view_setup_method_args(self.registry_)
+        rich.print(
+            AnnDataManager._view_summary_stats(
+                AnnDataManager._get_summary_stats_from_registry(self.registry_)
+            )
+        )
+
+    def update_setup_method_args(self, setup_method_args: dict):
+        """Update setup method args.
+
+        Parameters
+        ----------
+        setup_method_args
+            This is a bit of a misnomer, this is a dict representing kwargs of the setup method that
+            will be used to update the existing values in the registry of this instance.
+            (scvi-tools 1.4 writes to a ``self._registry`` attribute that models do not have.)
+        """
+        from scvi.data._constants import _SETUP_ARGS_KEY
+
+        if not isinstance(setup_method_args, dict):
+            raise TypeError(f"setup_method_args must be a dict, got {type(setup_method_args).__name__}.")
+        self.registry_[_SETUP_ARGS_KEY].update(setup_method_args)
