@@ -56,7 +56,9 @@ def test_user_data_unchanged(small):
 
 
 def test_guide_assignment():
-    adata, raw = cellvi.data.simulate_ambient(n_cells=400, n_genes=15, n_empty=3000, modality="guides", seed=0)
+    adata, raw = cellvi.data.simulate_ambient(
+        n_cells=400, n_genes=15, n_empty=3000, modality="guides", seed=0
+    )
     cellvi.SCAR.setup_anndata(adata)
     cellvi.SCAR.get_ambient_profile(adata, raw)
     model = cellvi.SCAR(adata, sparsity=1.0)
@@ -69,8 +71,10 @@ def test_guide_assignment():
     assert (res["feature"][single] == truth[single]).mean() > 0.95
     doublet = truth.str.contains(r"\+")
     # doublets: the assigned guides are among the two true ones
-    hit = [f != "" and set(f.split("+")) <= set(t.split("+"))
-           for f, t in zip(res["feature"][doublet], truth[doublet], strict=True)]
+    hit = [
+        f != "" and set(f.split("+")) <= set(t.split("+"))
+        for f, t in zip(res["feature"][doublet], truth[doublet], strict=True)
+    ]
     assert np.mean(hit) > 0.8
     with pytest.raises(ValueError, match="adjust"):
         model.assign_features(adjust="macro")
@@ -81,7 +85,18 @@ def test_cli_end_to_end(tmp_path, capsys):
     adata.write_h5ad(tmp_path / "cells.h5ad")
     raw.write_h5ad(tmp_path / "raw.h5ad")
     out = tmp_path / "out.h5ad"
-    rc = main(["scar", str(tmp_path / "cells.h5ad"), str(tmp_path / "raw.h5ad"), "-o", str(out), "--max-epochs", "2", "-q"])
+    rc = main(
+        [
+            "scar",
+            str(tmp_path / "cells.h5ad"),
+            str(tmp_path / "raw.h5ad"),
+            "-o",
+            str(out),
+            "--max-epochs",
+            "2",
+            "-q",
+        ]
+    )
     assert rc == 0
     import anndata as ad
 
@@ -90,7 +105,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "contamination" in res.obs and res.varm["ambient_profile"].shape == (50, 1)
     assert (res.layers["denoised"].toarray() <= adata.X.toarray()).all()
     # bad input: one-line reason and exit code 2, nothing written
-    rc = main(["scar", str(tmp_path / "cells.h5ad"), str(tmp_path / "missing.h5ad"), "-o", str(tmp_path / "x.h5ad")])
+    rc = main(
+        ["scar", str(tmp_path / "cells.h5ad"), str(tmp_path / "missing.h5ad"), "-o", str(tmp_path / "x.h5ad")]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "raw" in err[0] and "does not exist" in err[0]
     assert not (tmp_path / "x.h5ad").exists()
@@ -100,10 +117,49 @@ def test_cli_help_reads_like_the_reference():
     import argparse
 
     code = "import sys, cellvi.scar._cli; sys.exit(0 if 'torch' not in sys.modules else 1)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0  # --help does not import torch
+    assert (
+        subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+    )  # --help does not import torch
     from cellvi.scar._cli import add_parser
 
     parser = add_parser(argparse.ArgumentParser(prog="cellvi").add_subparsers())
     text = parser.format_help()
-    for word in ("--gene-likelihood", "--prob", "--min-raw-counts", "--batch-key", "contamination", "denoised"):
+    for word in (
+        "--gene-likelihood",
+        "--prob",
+        "--min-raw-counts",
+        "--batch-key",
+        "contamination",
+        "denoised",
+    ):
         assert word in text
+
+
+def test_cli_bad_input_exits_with_one_line(tmp_path, capsys):
+    """An unreadable file and data that fail validation: exit 2, exactly one line on stderr, nothing written."""
+    (tmp_path / "broken.h5ad").write_text("not an h5ad file")
+    adata, raw = cellvi.data.simulate_ambient(n_cells=60, n_genes=20, n_empty=300, seed=0)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    raw[:, 3:].copy().write_h5ad(tmp_path / "raw_fewer_genes.h5ad")
+    rc = main(
+        ["scar", str(tmp_path / "broken.h5ad"), str(tmp_path / "cells.h5ad"), "-o", str(tmp_path / "o.h5ad")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "filtered: cannot read" in err[0] and "broken.h5ad" in err[0]
+    # in a real process (Lightning's loggers write to the real stderr): the seed line is not printed either
+    out = tmp_path / "o.h5ad"
+    cmd = [
+        sys.executable,
+        "-m",
+        "cellvi",
+        "scar",
+        str(tmp_path / "cells.h5ad"),
+        str(tmp_path / "raw_fewer_genes.h5ad"),
+        "-o",
+        str(out),
+        "-q",
+    ]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "raw_adata lacks 3 of the 20 genes" in lines[0] and not out.exists()

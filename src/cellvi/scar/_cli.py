@@ -38,7 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("filtered", help="filtered matrix (cells): .h5ad, 10x .h5 or 10x mtx directory")
-    p.add_argument("raw", help="raw matrix (all droplets, with the empty ones): .h5ad, 10x .h5 or mtx directory")
+    p.add_argument(
+        "raw", help="raw matrix (all droplets, with the empty ones): .h5ad, 10x .h5 or mtx directory"
+    )
     p.add_argument("-o", "--output", required=True, help="output .h5ad (denoised counts and estimates)")
     p.add_argument("--layer", default=None, help="layer of the filtered matrix with raw counts (default: X)")
     p.add_argument("--batch-key", default=None, help="obs column with the batch/channel (in both matrices)")
@@ -49,27 +51,55 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="'guides' for sgRNA / hashtag / CMO counts: sparsity 1 and per-cell feature assignment",
     )
     m = p.add_argument_group("model")
-    m.add_argument("--gene-likelihood", choices=["b", "nb", "zinb", "poisson"], default="b",
-                   help="count likelihood (default: %(default)s)")
-    m.add_argument("--sparsity", type=float, default=None,
-                   help="expected sparsity of native signals (default 0.9; 1 for guides)")
-    m.add_argument("--n-latent", type=int, default=15, help="dimensionality of the latent space (default: %(default)s)")
+    m.add_argument(
+        "--gene-likelihood",
+        choices=["b", "nb", "zinb", "poisson"],
+        default="b",
+        help="count likelihood (default: %(default)s)",
+    )
+    m.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help="expected sparsity of native signals (default 0.9; 1 for guides)",
+    )
+    m.add_argument(
+        "--n-latent", type=int, default=15, help="dimensionality of the latent space (default: %(default)s)"
+    )
     m.add_argument("--n-hidden", type=int, default=150, help="nodes per hidden layer (default: %(default)s)")
     t = p.add_argument_group("training")
     t.add_argument("--max-epochs", type=int, default=None, help="epochs (default: scvi-tools heuristic)")
     t.add_argument("--batch-size", type=int, default=128, help="minibatch size (default: %(default)s)")
     t.add_argument("--accelerator", default="auto", help="'cpu', 'gpu' or 'auto' (default: %(default)s)")
     a = p.add_argument_group("ambient profile")
-    a.add_argument("--prob", type=float, default=0.995,
-                   help="confidence of the empty-droplet test (default: %(default)s)")
-    a.add_argument("--min-raw-counts", type=int, default=2,
-                   help="ignore raw droplets with fewer counts (default: %(default)s)")
-    a.add_argument("--sample", type=int, default=50000, help="droplets to test at most (default: %(default)s)")
+    a.add_argument(
+        "--prob",
+        type=float,
+        default=0.995,
+        help="confidence of the empty-droplet test (default: %(default)s)",
+    )
+    a.add_argument(
+        "--min-raw-counts",
+        type=int,
+        default=2,
+        help="ignore raw droplets with fewer counts (default: %(default)s)",
+    )
+    a.add_argument(
+        "--sample", type=int, default=50000, help="droplets to test at most (default: %(default)s)"
+    )
     d = p.add_argument_group("output")
-    d.add_argument("--method", choices=["posterior", "resynthesis"], default="posterior",
-                   help="denoising: remove ambient from observed counts, or re-synthesise (default: %(default)s)")
-    d.add_argument("--no-clip", action="store_true", help="do not clip re-synthesised counts to the observed ones")
-    d.add_argument("--n-samples", type=int, default=1, help="posterior samples, median taken (default: %(default)s)")
+    d.add_argument(
+        "--method",
+        choices=["posterior", "resynthesis"],
+        default="posterior",
+        help="denoising: remove ambient from observed counts, or re-synthesise (default: %(default)s)",
+    )
+    d.add_argument(
+        "--no-clip", action="store_true", help="do not clip re-synthesised counts to the observed ones"
+    )
+    d.add_argument(
+        "--n-samples", type=int, default=1, help="posterior samples, median taken (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=run)
@@ -87,29 +117,52 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}.")
     say = (lambda *a: None) if args.quiet else (lambda *a: print("cellvi scar:", *a, flush=True))
 
+    import logging
+
     import scvi
 
-    from cellvi._io import read_anndata, write_h5ad
+    from cellvi._io import write_h5ad
     from cellvi.scar import SCAR
 
-    scvi.settings.seed = args.seed
+    # seed without Lightning's "Seed set to" line on stderr (a bad-input exit prints one line only)
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)
+    try:
+        scvi.settings.seed = args.seed
+    finally:
+        seed_log.setLevel(level)
     say(f"reading {args.filtered} and {args.raw}")
-    adata = read_anndata(args.filtered, "filtered")
-    raw = read_anndata(args.raw, "raw")
+    adata = _read(args.filtered, "filtered")
+    raw = _read(args.raw, "raw")
     say(f"{adata.n_obs} cells x {adata.n_vars} features; {raw.n_obs} raw droplets")
     SCAR.setup_anndata(adata, batch_key=args.batch_key, layer=args.layer)
     prof = SCAR.get_ambient_profile(
-        adata, raw, prob=args.prob, min_raw_counts=args.min_raw_counts, sample=args.sample,
-        batch_key=args.batch_key, seed=args.seed,
+        adata,
+        raw,
+        prob=args.prob,
+        min_raw_counts=args.min_raw_counts,
+        sample=args.sample,
+        batch_key=args.batch_key,
+        seed=args.seed,
     )
     say("ambient profile from", ", ".join(f"{k}: {v} droplets" for k, v in prof.attrs["n_cell_free"].items()))
     guides = args.feature_type == "guides"
     sparsity = args.sparsity if args.sparsity is not None else (1.0 if guides else 0.9)
-    model = SCAR(adata, gene_likelihood=args.gene_likelihood, sparsity=sparsity,
-                 n_latent=args.n_latent, n_hidden=args.n_hidden)
+    model = SCAR(
+        adata,
+        gene_likelihood=args.gene_likelihood,
+        sparsity=sparsity,
+        n_latent=args.n_latent,
+        n_hidden=args.n_hidden,
+    )
     say("training", model)
-    model.train(max_epochs=args.max_epochs, batch_size=args.batch_size, accelerator=args.accelerator,
-                enable_progress_bar=not args.quiet)
+    model.train(
+        max_epochs=args.max_epochs,
+        batch_size=args.batch_size,
+        accelerator=args.accelerator,
+        enable_progress_bar=not args.quiet,
+    )
     adata.layers["denoised"] = model.get_denoised_counts(
         n_samples=args.n_samples, method=args.method, clip_to_obs=not args.no_clip
     )
@@ -122,3 +175,16 @@ def run(args) -> int:
     write_h5ad(adata, Path(args.output))
     say(f"mean contamination {adata.obs['contamination'].mean():.3f}; wrote {args.output}")
     return 0
+
+
+def _read(path: str, arg: str):
+    """:func:`cellvi._io.read_anndata`, with an unreadable file reported as a one-line ValueError naming ``arg``."""
+    from cellvi._io import read_anndata
+
+    try:
+        return read_anndata(path, arg)
+    except ValueError:
+        raise
+    except Exception as err:  # h5py / anndata / scanpy raise OSError, KeyError, TypeError ... on bad files
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{arg}: cannot read {path} ({type(err).__name__}: {first})") from err
