@@ -16,19 +16,27 @@ there (atomically) besides printing its figures::
 Speeds are ratios ``original / cellvi`` of times measured in the same run on the same data with the same
 settings (``> 1``: cellvi is faster). Peak memory is the largest resident-set growth of the process
 while the call ran, sampled every 10 ms (the operating system's figure: it includes torch's allocator).
+
+:meth:`Report.write` also records when, how and where the figures were made (``meta``: UTC date, the
+command line, CPU cores and model, torch threads, GPU), which ``run_all.py --render`` shows with each table;
+:meth:`Report.table` adds a free-form table (e.g. the rows of a scaling run).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
+import shlex
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def _rss_mb() -> float:
@@ -86,6 +94,7 @@ class Report:
     memory_rows: list[dict[str, Any]] = field(default_factory=list)
     qualities: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    tables: list[dict[str, Any]] = field(default_factory=list)
 
     def speed(self, what: str, cellvi_s: float, original_s: float | None, clock: str = "wall") -> None:
         """A time of cellvi and of the original (``None`` if the original fails) for the same work."""
@@ -108,6 +117,12 @@ class Report:
         """A line shown under the model's table (e.g. what the original could not do)."""
         self.notes.append(text)
 
+    def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A free-form table shown under the model's figures (``rows``: lists of ``len(columns)`` cells)."""
+        if any(len(row) != len(columns) for row in rows):
+            raise ValueError(f"every row of table {title!r} must have {len(columns)} cells")
+        self.tables.append({"title": title, "columns": list(columns), "rows": [list(r) for r in rows]})
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -116,6 +131,8 @@ class Report:
             "memory": self.memory_rows,
             "quality": self.qualities,
             "notes": self.notes,
+            "tables": self.tables,
+            "meta": run_metadata(),
         }
 
     def write(self, path: str | os.PathLike | None) -> None:
@@ -132,6 +149,44 @@ class Report:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_metadata() -> dict[str, Any]:
+    """When, how and where this process ran: UTC date, command line, cores, CPU, torch threads, GPU.
+
+    Torch figures are read only if this process has imported torch (importing it here would cost seconds).
+    """
+    meta: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "cwd": os.getcwd(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "python": platform.python_version(),
+    }
+    if hasattr(os, "sched_getaffinity"):
+        meta["cpu_cores_usable"] = len(os.sched_getaffinity(0))
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            meta["torch"] = torch.__version__
+            meta["torch_threads"] = torch.get_num_threads()
+            cuda = torch.cuda.is_available()
+            meta["gpu"] = torch.cuda.get_device_name(0) if cuda else None
+        except Exception as err:  # noqa: BLE001 - metadata must never make a benchmark fail
+            meta["torch_error"] = repr(err)
+    return meta
 
 
 def add_json_argument(parser) -> None:
