@@ -88,7 +88,9 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         should be set high in the case of unfiltered genes. Use 1 for guide, hashtag or CMO counts.
     **model_kwargs
         Keyword args for :class:`~cellvi.scar._module.SCARModule` (``log_variational``,
-        ``use_batch_norm``, ``use_layer_norm``).
+        ``use_batch_norm``, ``use_layer_norm``, ``noise_ratio_init``: the noise ratio of the
+        untrained model, 0.1 by default where the original starts at 1/2, see
+        :class:`~cellvi.scar._module.SCARModule`).
 
     Examples
     --------
