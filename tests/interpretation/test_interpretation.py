@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import matplotlib.colors
 import numpy as np
 import pandas as pd
 import pytest
@@ -179,6 +180,17 @@ def test_ablation_one_pass_shortcut_equals_the_attention_scale_hook(model):
             np.testing.assert_allclose(full.numpy(), full_h.numpy(), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(delta.numpy(), delta_h.numpy(), rtol=1e-3, atol=1e-5)
             assert delta.abs().max() > 1e-3
+
+
+def test_all_ablations_of_a_receiver_type_share_one_pass_per_minibatch(model, monkeypatch):
+    """Four sender groups, one receiver type: one forward pass per minibatch of receivers, not one per sender."""
+    calls = []
+    inner = model.module.generative
+    monkeypatch.setattr(model.module, "generative", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    n_a = int((model.adata.obs["cell_type"] == "A").sum())
+    out = AMICIAblationModule.compute(model, cell_type="A", batch_size=100, prog_bar=False)
+    assert out.sender_groups == ["A", "B", "C", "D"]
+    assert len(calls) == math.ceil(n_a / 100)
 
 
 def test_ablation_errors_and_plots(model, ablation, tmp_path):
@@ -398,6 +410,17 @@ def test_attention_summary_hubs_and_plot(model, tmp_path):
     fig = att.plot_attention_summary(cell_type_sub=["A", "B"], sel_head=head, plot_histogram=True, show=False,
                                      save_png=True, save_dir=tmp_path, max_distance=60, min_bin_count=20)
     assert len(fig.axes) == 4 and (tmp_path / "attention_summary.png").exists()
+    # palette (dict), bin_size, epoch (in the file name) and save_svg
+    pal = {"A": "red", "B": "blue", "C": "green", "D": "black"}
+    fig = att.plot_attention_summary(cell_type_sub=["A"], sel_head=head, palette=pal, bin_size=20, max_distance=60,
+                                     min_bin_count=20, epoch=3, show=False, save_svg=True, save_dir=tmp_path)
+    bars = [c for c in fig.axes[0].containers if c.get_label() == "B"]
+    line = bars[0].lines[0]  # the data line of B's error bars: bins of 20 drawn at their centres
+    assert np.allclose(line.get_xdata(), [10.0, 30.0, 50.0][: len(line.get_xdata())])
+    assert matplotlib.colors.same_color(line.get_color(), "blue")
+    assert (tmp_path / "attention_summary_epoch3.svg").exists()
+    with pytest.raises(ValueError, match="palette"):
+        att.plot_attention_summary(palette={"A": "red"}, show=False)
     assert len(att.plot_attention_summary(show=False).axes) == 4 * SMALL["n_heads"]
     with pytest.raises(ValueError, match="sel_head"):
         att.plot_attention_summary(sel_head=7, show=False)
