@@ -162,6 +162,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _short_path(arg: str) -> str:
+    """``arg`` relative to the working directory when it is a path below it (readable commands)."""
+    if os.path.isabs(arg) and arg.startswith(os.getcwd() + os.sep):
+        return os.path.relpath(arg)
+    return arg
+
+
 def run_metadata() -> dict[str, Any]:
     """When, how and where this process ran: UTC date, command line, cores, CPU, torch threads, GPU.
 
@@ -169,7 +176,7 @@ def run_metadata() -> dict[str, Any]:
     """
     meta: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "command": shlex.join([_short_path(sys.executable), *map(_short_path, sys.argv)]),
         "cwd": os.getcwd(),
         "cpu_cores": os.cpu_count(),
         "cpu_model": _cpu_model(),

@@ -4,16 +4,21 @@ Same data, same settings, same process, one torch thread. For each size it print
 
 * loader epochs per second: one shuffled pass over the training cells, minibatches of 128,
   every minibatch materialised as scvi's dense dict of tensors (nothing else timed);
-* with ``--backed``: the same pass over a backed (on-disk) h5ad, scvi's loader (scattered row
-  reads per minibatch) against cellvi's chunked reader;
+* the same pass over a backed (on-disk) h5ad, scvi's loader (scattered row reads per minibatch)
+  against cellvi's chunked reader (``--backed first``, the default: at the first size only;
+  ``all``; ``none``), one round each;
 * with ``--train``: seconds per training epoch of ``scvi.model.SCVI`` with each data path
   (the model's compute is the same, so the difference is the data path).
 
+Peak memory is the resident-set growth during one pass (first round; :func:`_common.measure`).
+``--json PATH`` writes the figures as a :class:`_common.Report` (ratios scvi / cellvi of the best
+wall time of a pass, for ``run_all.py``).
+
 Usage::
 
-    .venv/bin/python benchmarks/dataloading.py                       # 20k and 100k cells x 2k genes
+    flock /tmp/cellvi-bench.lock .venv/bin/python benchmarks/dataloading.py   # 20k and 100k cells x 2k genes
     .venv/bin/python benchmarks/dataloading.py --sizes 20000 --train # plus one SCVI epoch each
-    .venv/bin/python benchmarks/dataloading.py --sizes 20000 --backed  # plus an on-disk h5ad
+    .venv/bin/python benchmarks/dataloading.py --sizes 20000 --backed none --json out.json
 
 On a machine with CUDA the loader figures are also taken with the data on the GPU
 (``data_path="device"``) and streamed from the CPU (``"stream"``).
@@ -22,9 +27,11 @@ On a machine with CUDA the loader figures are also taken with the data on the GP
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 import anndata
 import numpy as np
@@ -34,6 +41,9 @@ from scipy import sparse
 from scvi.dataloaders import AnnDataLoader
 
 from cellvi.dataloaders import BackedDataLoader, DataPathMixin, DeviceDataLoader
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import Report, add_json_argument, measure
 
 
 def sparse_counts(n_cells: int, n_genes: int, density: float, seed: int = 0) -> anndata.AnnData:
@@ -68,13 +78,19 @@ def _to_cuda(make_loader):
         yield {k: v.to("cuda") for k, v in batch.items()}
 
 
-def interleaved_best(cases: dict, repeats: int) -> dict[str, float]:
+def interleaved_best(cases: dict, repeats: int, peaks: dict | None = None) -> dict[str, float]:
     """Best time of each case over ``repeats`` rounds, the cases alternating within each round
-    (so that a load change on a shared machine hits all of them alike)."""
+    (so that a load change on a shared machine hits all of them alike). With ``peaks``, the peak
+    memory growth (MiB) of each case's first pass is stored there."""
     best = dict.fromkeys(cases, np.inf)
-    for _ in range(repeats):
+    for i in range(repeats):
         for name, make in cases.items():
-            best[name] = min(best[name], epoch_seconds(make))
+            if i == 0 and peaks is not None:
+                m = measure(partial(epoch_seconds, make))
+                seconds, peaks[name] = m.result, m.peak_mb
+            else:
+                seconds = epoch_seconds(make)
+            best[name] = min(best[name], seconds)
     return best
 
 
@@ -109,10 +125,20 @@ def main(argv=None):
     parser.add_argument("--train", action="store_true", help="also time one SCVI training epoch per path")
     parser.add_argument(
         "--backed",
-        action="store_true",
-        help="also time a backed (on-disk h5ad) AnnData: scvi's loader vs chunks",
+        choices=["none", "first", "all"],
+        default="first",
+        help="time a backed (on-disk h5ad) AnnData, scvi's loader vs chunks, at no / the first / every size",
     )
+    add_json_argument(parser)
     args = parser.parse_args(argv)
+    report = Report(
+        "dataloading",
+        settings={
+            "sizes": args.sizes, "genes": args.genes, "density": args.density, "batch_size": 128,
+            "repeats": args.repeats, "backed": args.backed, "train": args.train, "threads": 1,
+        },
+    )  # fmt: skip
+    rows = []
 
     torch.set_num_threads(1)
     scvi.settings.dl_num_workers = 0
@@ -139,11 +165,26 @@ def main(argv=None):
             )
             # scvi's loader plus the copy to the GPU that a training step makes
             cases["scvi AnnDataLoader -> cuda"] = partial(_to_cuda, partial(AnnDataLoader, manager, **kw))
-        times = interleaved_best(cases, args.repeats)
+        peaks = {}
+        times = interleaved_best(cases, args.repeats, peaks)
         reference = times["scvi AnnDataLoader"]
         for name, seconds in times.items():
             print(f"{n:>8} {name:<28} {seconds:>9.3f} {1 / seconds:>9.2f} {reference / seconds:>7.2f}x")
-        if args.backed:
+            rows.append([n, name, seconds, 1 / seconds, round(reference / seconds, 2), round(peaks[name])])
+        report.speed(
+            f"loader epoch, {n} cells, in memory (cpu)", times["cellvi device (cpu)"], reference, "wall"
+        )
+        report.memory(
+            f"loader epoch, {n} cells, in memory", peaks["cellvi device (cpu)"], peaks["scvi AnnDataLoader"]
+        )
+        if cuda:
+            report.speed(
+                f"loader epoch, {n} cells, data on cuda",
+                times["cellvi device (cuda)"],
+                times["scvi AnnDataLoader -> cuda"],
+                "wall",
+            )
+        if args.backed == "all" or (args.backed == "first" and n == args.sizes[0]):
             with tempfile.TemporaryDirectory() as tmp:
                 path = f"{tmp}/data.h5ad"
                 adata.write_h5ad(path)
@@ -154,11 +195,23 @@ def main(argv=None):
                     "scvi AnnDataLoader, backed": partial(AnnDataLoader, bmanager, **kw),
                     "cellvi backed (chunks)": partial(BackedDataLoader, bmanager, **kw),
                 }
-                times = interleaved_best(cases, 1)
+                peaks = {}
+                times = interleaved_best(cases, 1, peaks)
                 backed.file.close()
             reference = times["scvi AnnDataLoader, backed"]
             for name, seconds in times.items():
                 print(f"{n:>8} {name:<28} {seconds:>9.3f} {1 / seconds:>9.2f} {reference / seconds:>7.2f}x")
+                rows.append(
+                    [n, name, seconds, 1 / seconds, round(reference / seconds, 2), round(peaks[name])]
+                )
+            report.speed(
+                f"loader epoch, {n} cells, backed h5ad", times["cellvi backed (chunks)"], reference, "wall"
+            )
+            report.memory(
+                f"loader epoch, {n} cells, backed h5ad",
+                peaks["cellvi backed (chunks)"],
+                peaks["scvi AnnDataLoader, backed"],
+            )
         if args.train:
             accelerator = "gpu" if cuda else "cpu"
             times = {path: train_epoch_seconds(adata, path, accelerator) for path in ("scvi", "device")}
@@ -167,6 +220,19 @@ def main(argv=None):
                     f"{n:>8} {'SCVI train, ' + path:<28} {seconds:>9.3f} {1 / seconds:>9.2f} "
                     f"{times['scvi'] / seconds:>7.2f}x"
                 )
+                rows.append(
+                    [n, f"SCVI train, {path}", seconds, 1 / seconds, round(times["scvi"] / seconds, 2), None]
+                )
+            report.speed(f"SCVI training epoch, {n} cells", times["device"], times["scvi"], "wall")
+    report.table(
+        "Loader passes (one shuffled epoch of 90% of the cells, minibatch 128, best wall time)",
+        ["cells", "loader", "s/epoch", "epochs/s", "vs scvi", "peak MiB"],
+        rows,
+    )
+    report.note(
+        "original = scvi-tools' AnnDataLoader; cellvi = cellvi.dataloaders on the same AnnData manager"
+    )
+    report.write(args.json)
 
 
 if __name__ == "__main__":

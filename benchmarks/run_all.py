@@ -18,7 +18,8 @@ started under ``flock /tmp/cellvi-bench.lock ...``, pass ``--no-lock`` (or set t
 ``TABLE.md`` has one section per benchmark: speed ratios (original / cellvi, with the clock), peak
 memory growth, ground-truth quality metrics with their direction and whether cellvi is at least as good,
 the settings, the command that produced the JSON, its date and the machine (cores, torch threads,
-CPU / GPU). A benchmark without a JSON is listed as "not run".
+CPU / GPU). A benchmark without a JSON is listed as "not run". ``<out>/<name>.notes.md``, where present, is shown
+under the benchmark's figures as hand-written annotations (what a figure means, what was checked after).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,43 +81,36 @@ def take_lock(no_lock: bool):
 
 def run_one(name: str, out: Path, quick: bool, timeout: float | None) -> dict:
     """Run ``benchmarks/<name>.py --json <out>/<name>.json``; returns its status for ``run_all.json``."""
-    cmd = [
-        sys.executable,
-        str(HERE / f"{name}.py"),
-        *(QUICK[name] if quick else []),
-        "--json",
-        str(out / f"{name}.json"),
-    ]
-    shown = shlex.join(
-        [
-            ".venv/bin/python"
-            if c == sys.executable
-            else os.path.relpath(c, ROOT)
-            if c.startswith(str(ROOT))
-            else c
-            for c in cmd
-        ]
-    )
+
+    def short(path) -> str:  # relative to the repository (the children run there): readable commands
+        path = Path(path)
+        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+    json_path = short(out / f"{name}.json")
+    cmd = [sys.executable, short(HERE / f"{name}.py"), *(QUICK[name] if quick else []), "--json", json_path]
+    shown = shlex.join([short(sys.executable), *cmd[1:]])
     env = {**os.environ, LOCK_ENV: "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     print(f"\n=== {name}: {shown}", flush=True)
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     status = {"command": shown, "started": _now()}
     with open(out / f"{name}.log", "w") as log:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        deadline = None if timeout is None else start + timeout
+        killer = None if timeout is None else threading.Timer(timeout, proc.kill)
+        if killer is not None:
+            killer.start()
         assert proc.stdout is not None
         for line in proc.stdout:
             sys.stdout.write(f"  {line}")
             log.write(line)
-            if deadline is not None and time.perf_counter() > deadline:
-                proc.kill()
-                break
         rc = proc.wait()
+        if killer is not None:
+            killer.cancel()
     status.update(returncode=rc, seconds=round(time.perf_counter() - start, 1))
-    status["ok"] = rc == 0 and (out / f"{name}.json").exists()
+    written = out / f"{name}.json"
+    status["ok"] = rc == 0 and written.exists() and written.stat().st_mtime >= started_at
     print(
         f"=== {name}: {'ok' if status['ok'] else f'FAILED (exit {rc})'} in {status['seconds']:.0f}s",
         flush=True,
@@ -300,6 +295,10 @@ def render(out: Path) -> str:
         if rep.get("notes"):
             lines += ["", "Notes:", ""]
             lines += [f"- {n}" for n in rep["notes"]]
+        annotations = out / f"{name}.notes.md"
+        if annotations.exists():
+            lines += ["", f"Annotations (written by hand after the run, `{annotations.name}`):", ""]
+            lines += annotations.read_text().rstrip().splitlines()
     return "\n".join(lines) + "\n"
 
 
