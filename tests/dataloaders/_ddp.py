@@ -106,7 +106,78 @@ def case_scar(
     }
 
 
-CASES = {"toy": case_toy, "semi": case_semi, "scar": case_scar}
+FADVI_CELLS = 256
+FADVI_PER_LABEL = 40
+
+
+def case_fadvi(
+    trainer_kwargs: dict, batch_size: int = 32, max_epochs: int = 3, noise_seed: int | None = None
+) -> dict:
+    """cellvi.FADVI on a tiny simulation with unlabelled cells, ``data_path="device"``.
+
+    ``n_samples_per_label`` subsamples the labelled cells every epoch (numpy's global generator,
+    as scvi): each rank must draw the same subsample and read its own share of it. The labelled
+    cells each rank visited per epoch are recorded (positions of the labelled loader's sampler).
+    ``noise_seed`` as in :func:`case_scar`.
+    """
+    import numpy as np
+    import scvi
+    from lightning.fabric.utilities.seed import reset_seed
+    from lightning.pytorch.callbacks import Callback
+
+    import cellvi
+
+    class Record(Callback):
+        def __init__(self):
+            self.subsample, self.visited = [], []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            labelled = trainer.train_dataloader.labelled
+            self.subsample.append(np.sort(labelled.indices))
+            self.visited.append(np.sort(labelled.indices[labelled.sampler.epoch_order().cpu().numpy()]))
+
+    if trainer_kwargs:
+        # the latent-library encoder and the decoder's per-cell dispersion layer take no part in
+        # the default loss (observed library, gene-wise dispersion): DDP must be told
+        trainer_kwargs = {**trainer_kwargs, "strategy": "ddp_find_unused_parameters_true"}
+    scvi.settings.seed = 0
+    adata = cellvi.data.simulate_batches(
+        n_cells=FADVI_CELLS, n_genes=60, n_batches=2, n_labels=3, unlabeled_fraction=0.3, seed=5
+    )
+    cellvi.FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels", unlabeled_category="Unknown")
+    model = cellvi.FADVI(adata, n_hidden=32, n_latent_b=3, n_latent_l=3, n_latent_r=2, n_layers=1)
+    init = _params(model.module)
+    if not trainer_kwargs:
+        # Lightning's DDP reseeds every rank (reset_seed) as it sets up: the single process does
+        # the same here, so both draw the same label subsamples
+        reset_seed()
+    if noise_seed is not None:
+        torch.manual_seed(noise_seed)
+    record = Record()
+    model.train(
+        max_epochs=max_epochs,
+        train_size=1.0,
+        batch_size=batch_size,
+        n_samples_per_label=FADVI_PER_LABEL,
+        enable_progress_bar=False,
+        data_path="device",
+        datasplitter_kwargs={"seed": 0},
+        callbacks=[record],
+        **trainer_kwargs,
+    )
+    return {
+        "init": init,
+        "params": _params(model.module),
+        "steps": _steps(model),
+        "subsample": record.subsample,
+        "visited": record.visited,
+        "elbo": model.history["elbo_train"].to_numpy().ravel().astype(float)
+        if "elbo_train" in model.history
+        else None,
+    }
+
+
+CASES = {"toy": case_toy, "semi": case_semi, "scar": case_scar, "fadvi": case_fadvi}
 
 # -- launcher ------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _ddp
 
 PER_RANK_BATCH = 32
-CASES = ["toy", "semi", "scar"]
+CASES = ["toy", "semi", "scar", "fadvi"]
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
@@ -85,3 +85,40 @@ def test_scar_ddp_consistent_with_single_process(ranks):
     # the training objective follows the single-process one (rank 0 logs its share's ELBO)
     assert ddp["elbo"][-1] < ddp["elbo"][0]
     assert abs(ddp["elbo"][-1] - single["elbo"][-1]) < 0.03 * abs(single["elbo"][-1])
+
+
+def test_fadvi_ddp_consistent_with_single_process(ranks):
+    """cellvi.FADVI on 2 ranks x minibatch 32 trains like 1 process x minibatch 64.
+
+    Label subsampling (``n_samples_per_label``) on the semi-supervised data path: both ranks draw
+    the same subsample each epoch (the one the single process draws) and split it, each labelled
+    cell read by one rank. FADVI samples its latent and its adversaries standardise within each
+    (per-rank) minibatch, so the parameters are compared statistically, as SCAR's.
+    """
+    import numpy as np
+
+    _assert_lockstep(ranks, "fadvi")
+    r0, r1 = ranks[0]["fadvi"], ranks[1]["fadvi"]
+    single = _ddp.case_fadvi({}, batch_size=2 * PER_RANK_BATCH)
+    other_draws = _ddp.case_fadvi({}, batch_size=2 * PER_RANK_BATCH, noise_seed=1)
+    # 256 cells / (2 x 32) = 4 steps; the 120 subsampled labelled cells (3 classes x 40) restart
+    assert r0["steps"] == r1["steps"] == single["steps"] == _ddp.FADVI_CELLS // (2 * PER_RANK_BATCH)
+    n_sub = 3 * _ddp.FADVI_PER_LABEL
+    subsamples = [tuple(map(tuple, r["fadvi"]["subsample"])) for r in ranks]
+    assert len(r0["subsample"]) == 3 and all(len(sub) == n_sub for sub in r0["subsample"])
+    # a fresh subsample each epoch, the same on both ranks and in the single process
+    assert subsamples[0] == subsamples[1] == tuple(map(tuple, single["subsample"]))
+    assert not np.array_equal(r0["subsample"][0], r0["subsample"][1])
+    for epoch, sub in enumerate(r0["subsample"]):
+        mine, theirs = r0["visited"][epoch], r1["visited"][epoch]
+        assert len(mine) == len(theirs) == n_sub // 2
+        assert np.intersect1d(mine, theirs).size == 0
+        np.testing.assert_array_equal(np.union1d(mine, theirs), sub)
+    for name, value in single["init"].items():
+        torch.testing.assert_close(r0["init"][name], value, rtol=0, atol=0)
+    moved = _distance(single["params"], single["init"])
+    spread = _distance(other_draws["params"], single["params"])
+    assert 0 < spread < moved
+    assert _distance(r0["params"], single["params"]) < 1.6 * spread
+    assert r0["elbo"][-1] < r0["elbo"][0]
+    assert abs(r0["elbo"][-1] - single["elbo"][-1]) < 0.02 * abs(single["elbo"][-1])
