@@ -154,7 +154,12 @@ def test_attributions(trained):
     np.testing.assert_array_equal(gs1[1], gs2[1])
     ranked = model.get_ranked_features(adata, res["attributions"], top_n=5)
     assert list(ranked.columns[:6]) == [
-        "feature", "feature_idx", "attribution_mean", "attribution_std", "attribution_abs_mean", "n_cells"
+        "feature",
+        "feature_idx",
+        "attribution_mean",
+        "attribution_std",
+        "attribution_abs_mean",
+        "n_cells",
     ]
     assert len(ranked) == 5 and ranked["attribution_abs_mean"].is_monotonic_decreasing
     per_class = model.get_ranked_features(adata, res, top_n=3)
@@ -165,8 +170,9 @@ def test_attributions(trained):
 
 def test_query_mapping(trained):
     model, adata = trained
-    query = simulate_batches(n_cells=300, n_genes=200, n_batches=4, n_labels=4, seed=1,
-                             composition_concentration=None)
+    query = simulate_batches(
+        n_cells=300, n_genes=200, n_batches=4, n_labels=4, seed=1, composition_concentration=None
+    )
     query = query[query.obs["batch"] == "batch_3"].copy()
     query.obs["batch"] = "query_batch"
     query.obs["labels"] = "Unknown"
@@ -210,6 +216,59 @@ def test_confounded_batches_default_sizes_leak_little():
     assert p[("z_l", "residual")] < 0.3, p
 
 
+def test_group_whitening_measures_leaks_along_small_directions():
+    """The adversaries' view of a block: centred within groups, whitened by the pooled covariance.
+
+    One large within-group direction (90%+ of the variance, as in a trained ``z_b``) sets every
+    column's scale; a label carried by a small direction is then nearly invisible to a
+    column-scaled class-mean spread, while a linear probe reads it. Whitened, it is measured at
+    its own scale.
+    """
+    from cellvi.fadvi._module import _class_mean_spread, _group_whiten
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 600, 5
+    group = torch.arange(n) % 3
+    label = (torch.arange(n) // 3) % 2
+    big = 10.0 * torch.randn(n, 1, generator=g) * torch.ones(1, d)
+    small = (0.1 * torch.randn(n, 1, generator=g) + 0.2 * label[:, None]) * torch.tensor(
+        [[1.0, -1.0, 0, 0, 0]]
+    )
+    noise = 0.05 * torch.randn(n, d, generator=g)
+    z = big + small + noise + 5.0 * group[:, None].float()
+    onehot = torch.nn.functional.one_hot(group, 3).float()
+    # zero group means, identity pooled within-group covariance (up to the ridge)
+    exact = _group_whiten(z.double(), group, 3, ridge=1e-9)
+    torch.testing.assert_close(
+        onehot.double().T @ exact / 200, torch.zeros(3, d, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        exact.T @ exact / (n - 3), torch.eye(d, dtype=torch.float64), atol=1e-3, rtol=0
+    )
+    # the ridge (relative to the mean variance, here ~100) damps directions far smaller than it
+    w = _group_whiten(z, group, 3, ridge=1e-5)
+    # column scaling (the adversaries' view before): the label is almost invisible
+    zc = z - onehot @ (onehot.T @ z / onehot.sum(0)[:, None])
+    cols = zc / zc.std(0, keepdim=True)
+    seen_cols = float(_class_mean_spread(cols, label, 2, None))
+    seen_white = float(_class_mean_spread(w, label, 2, None))
+    assert seen_white > 0.3 and seen_white > 10 * seen_cols, (seen_white, seen_cols)
+    # gradients flow (the encoders are trained through it); one cell: no signal, no error
+    z.requires_grad_(True)
+    _class_mean_spread(_group_whiten(z, group, 3), label, 2, None).backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    assert float(_group_whiten(z[:1], group[:1], 3).abs().sum()) == 0.0
+
+
+def test_whiten_ridge_validated():
+    adata = simulate_batches(n_cells=60, n_genes=30, n_batches=2, n_labels=2, seed=0)
+    FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels")
+    for bad in (0, -1.0, True, "0.01"):
+        with pytest.raises(ValueError, match="whiten_ridge"):
+            FADVI(adata, whiten_ridge=bad)
+    assert FADVI(adata, whiten_ridge=0.1).module.whiten_ridge == 0.1
+
+
 # --------------------------------------------------------------- options
 @pytest.fixture(scope="module")
 def small():
@@ -238,8 +297,12 @@ def test_covariates_and_size_factor(small):
     adata = small.copy()
     adata.obs["sf"] = adata.obs["library_size"] / adata.obs["library_size"].mean()
     FADVI.setup_anndata(
-        adata, batch_key="batch", labels_key="labels", size_factor_key="sf",
-        categorical_covariate_keys=["protocol"], continuous_covariate_keys=["pct_mito"],
+        adata,
+        batch_key="batch",
+        labels_key="labels",
+        size_factor_key="sf",
+        categorical_covariate_keys=["protocol"],
+        continuous_covariate_keys=["pct_mito"],
     )
     model = FADVI(adata, **SMALL)
     assert model.module.use_size_factor_key and model.module.n_continuous_cov == 1
@@ -285,12 +348,16 @@ def test_bad_input(small):
     nan = adata.copy()
     nan.obs.loc[nan.obs_names[3], "pct_mito"] = np.nan
     with pytest.raises(ValueError, match="pct_mito"):
-        FADVI.setup_anndata(nan, batch_key="batch", labels_key="labels", continuous_covariate_keys=["pct_mito"])
+        FADVI.setup_anndata(
+            nan, batch_key="batch", labels_key="labels", continuous_covariate_keys=["pct_mito"]
+        )
     nan_cat = adata.copy()
     nan_cat.obs["protocol"] = nan_cat.obs["protocol"].astype(object)
     nan_cat.obs.loc[nan_cat.obs_names[0], "protocol"] = None
     with pytest.raises(ValueError, match="protocol"):
-        FADVI.setup_anndata(nan_cat, batch_key="batch", labels_key="labels", categorical_covariate_keys=["protocol"])
+        FADVI.setup_anndata(
+            nan_cat, batch_key="batch", labels_key="labels", categorical_covariate_keys=["protocol"]
+        )
     frac = adata.copy()
     frac.X = frac.X * 0.5
     with pytest.raises(ValueError, match="non-integer"):
@@ -315,7 +382,14 @@ def test_registry_entries():
     a = simulate_batches(n_cells=50, n_genes=30, seed=5)
     b = simulate_batches(n_cells=50, n_genes=30, seed=5)
     assert (a.X != b.X).nnz == 0
-    assert set(a.obs["labels"].cat.categories) == {"type_0", "type_1", "type_2", "type_3", "type_4", "Unknown"}
+    assert set(a.obs["labels"].cat.categories) == {
+        "type_0",
+        "type_1",
+        "type_2",
+        "type_3",
+        "type_4",
+        "Unknown",
+    }
 
 
 # --------------------------------------------------------------- data path
