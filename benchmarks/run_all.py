@@ -161,9 +161,12 @@ def at_least_as_good(q: dict) -> bool | None:
     return c >= o if q.get("better", "higher") == "higher" else c <= o
 
 
-def _machine(meta: dict) -> str:
+def _machine(meta: dict, settings: dict | None = None) -> str:
     if not meta:
         return "not recorded"
+    if "torch_threads" not in meta and settings and "threads" in settings:
+        # the process that wrote the JSON did not import torch (its workers did): their setting
+        meta = {**meta, "torch_threads": f"{settings['threads']} (the benchmark's setting, per worker)"}
     cores = meta.get("cpu_cores")
     usable = meta.get("cpu_cores_usable")
     parts = [f"{cores} CPU cores" + (f" ({usable} usable)" if usable not in (None, cores) else "")]
@@ -174,6 +177,8 @@ def _machine(meta: dict) -> str:
     )
     if "gpu" in meta:
         parts.append(f"GPU {meta['gpu']}" if meta["gpu"] else "CPU only (no CUDA device)")
+    else:
+        parts.append("GPU not recorded")
     if meta.get("torch"):
         parts.append(f"torch {meta['torch']}")
     return "; ".join(parts)
@@ -234,7 +239,11 @@ def render(out: Path) -> str:
         judged = [m for m in marks if m is not None]
         quality = "—" if not judged else f"{sum(judged)}/{len(judged)}"
         date = rep.get("meta", {}).get("date") or "not recorded"
-        summary.append([name, what, "ran", date, speed, quality])
+        st = status.get(name)
+        failed_after = st and not st.get("ok") and st.get("started", "") > rep.get("meta", {}).get("date", "")
+        summary.append(
+            [name, what, "ran (a later attempt failed)" if failed_after else "ran", date, speed, quality]
+        )
     lines += _md_table(
         [
             "benchmark",
@@ -260,7 +269,7 @@ def render(out: Path) -> str:
         meta = rep.get("meta", {})
         lines.append(f"- command: `{meta['command']}`" if meta.get("command") else "- command: not recorded")
         lines.append(f"- date: {meta.get('date', 'not recorded')}")
-        lines.append(f"- machine: {_machine(meta)}")
+        lines.append(f"- machine: {_machine(meta, rep.get('settings'))}")
         lines.append(f"- settings: {_settings(rep.get('settings', {}))}")
         if st and not st.get("ok") and st.get("started", "") > meta.get("date", ""):
             lines.append(
