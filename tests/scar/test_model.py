@@ -63,6 +63,12 @@ def test_inherited_methods(trained):
     # replicates of the observed data (native + ambient): totals match the observed ones
     assert np.mean(np.abs(pp.todense().sum(1) / obs_tot - 1)) < 0.05
     params = model.get_likelihood_parameters(indices=np.arange(20))
+    # dataloader= (an argument of the reference page) is honoured
+    dl = model._make_data_loader(adata=adata, indices=np.arange(20), batch_size=8)
+    np.testing.assert_array_equal(model.get_latent_library_size(dataloader=dl), lib[:20])
+    with_dl = model.get_likelihood_parameters(dataloader=dl, give_mean=True)
+    np.testing.assert_allclose(with_dl["mean"].sum(1), obs_tot[:20], rtol=1e-4)
+    assert with_dl["probs"].shape == (20, adata.n_vars)
     np.testing.assert_allclose(params["mean"].sum(1), obs_tot[:20], rtol=1e-4)
     de = model.differential_expression(groupby="cell_type", group1=["type_0"], batch_size=128)
     assert isinstance(de, pd.DataFrame) and len(de) == adata.n_vars

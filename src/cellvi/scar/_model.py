@@ -368,15 +368,23 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         n_samples: int = 1,
         give_mean: bool = False,
         transform_batch: int | None = None,
+        dataloader=None,
+        data_loader_kwargs: dict | None = None,
     ) -> Iterator[tuple[dict, object]]:
         """Yield ``(tensors, px)`` per minibatch under inference mode.
 
         ``px`` has a leading sample dimension when ``n_samples > 1``; with ``give_mean`` (and
         ``n_samples == 1``) the posterior mean of ``z`` is decoded, so results are deterministic.
+        A given ``dataloader`` is iterated instead of one made from ``adata`` (which is then ignored).
         """
         check_positive_int(n_samples, "n_samples")
-        adata = self._validate_anndata(adata)
-        scdl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        if dataloader is not None:
+            scdl = dataloader
+        else:
+            adata = self._validate_anndata(adata)
+            scdl = self._make_data_loader(
+                adata=adata, indices=indices, batch_size=batch_size, **(data_loader_kwargs or {})
+            )
         module = self.module
         module.eval()
         with torch.inference_mode():
@@ -618,9 +626,10 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         batch_size
             Minibatch size for data loading into model. Defaults to `scvi.settings.batch_size`.
         dataloader
-            Not supported by SCAR (must be None).
+            An iterator over minibatches of data on which to compute the metric (``adata``,
+            ``indices`` and ``batch_size`` are then ignored).
         **data_loader_kwargs
-            Not supported by SCAR.
+            Keyword args for data loader.
 
         Returns
         -------
@@ -629,13 +638,16 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         and ``dropout`` for ZINB. Arrays are (cells, genes) or, with ``n_samples > 1`` and not
         ``give_mean``, (samples, cells, genes).
         """
-        if dataloader is not None or data_loader_kwargs:
-            raise ValueError(
-                "dataloader and data loader kwargs are not supported by SCAR.get_likelihood_parameters."
-            )
         n_samples = n_samples or 1
         out: dict[str, list] = {}
-        for _, px in self._decode(adata, indices, batch_size, n_samples=n_samples):
+        for _, px in self._decode(
+            adata,
+            indices,
+            batch_size,
+            n_samples=n_samples,
+            dataloader=dataloader,
+            data_loader_kwargs=data_loader_kwargs,
+        ):
             parts = {
                 "mean": px.mu,
                 "probs": px.probs,
@@ -674,7 +686,13 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         """
         out = []
         for _, px in self._decode(
-            adata, indices, batch_size, n_samples=n_samples, transform_batch=transform_batch
+            adata,
+            indices,
+            batch_size,
+            n_samples=n_samples,
+            transform_batch=transform_batch,
+            dataloader=dataloader,
+            data_loader_kwargs=data_loader_kwargs,
         ):
             rate = rna_size_factor * px.scale
             if self.module.gene_likelihood in ("nb", "zinb"):
@@ -713,23 +731,24 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         batch_size
             Minibatch size for data loading into model. Defaults to `scvi.settings.batch_size`.
         dataloader
-            Not supported by SCAR (must be None).
+            An iterator over minibatches of data on which to compute the metric (``adata``,
+            ``indices`` and ``batch_size`` are then ignored).
         **data_loader_kwargs
-            Not supported by SCAR.
+            Keyword args for data loader.
 
         Returns
         -------
         Array (cells, 1).
         """
-        if dataloader is not None or data_loader_kwargs:
-            raise ValueError(
-                "dataloader and data loader kwargs are not supported by SCAR.get_latent_library_size."
+        if dataloader is None:
+            adata = self._validate_anndata(adata)
+            dataloader = self._make_data_loader(
+                adata=adata, indices=indices, batch_size=batch_size, **data_loader_kwargs
             )
-        adata = self._validate_anndata(adata)
-        scdl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-        return np.concatenate([t[REGISTRY_KEYS.X_KEY].sum(-1, keepdim=True).numpy() for t in scdl]).astype(
-            np.float32
-        )
+        scdl = dataloader
+        return np.concatenate(
+            [t[REGISTRY_KEYS.X_KEY].sum(-1, keepdim=True).cpu().numpy() for t in scdl]
+        ).astype(np.float32)
 
     @torch.inference_mode()
     def get_aggregated_posterior(
