@@ -39,4 +39,7 @@ _SUBMODULES = (
 
 __all__ = list(_MODELS) + list(_SUBMODULES)
 
-__getattr__, __dir__ = lazy_exports(__name__, _MODELS, {name: f"cellvi.{name}" for name in _SUBMODULES})
+# the model packages resolve too (``cellvi.velovi.preprocess_data``), without being star-exported
+_PACKAGES = {name: f"cellvi.{name}" for name in (*_SUBMODULES, *(m.lower() for m in _MODELS))}
+
+__getattr__, __dir__ = lazy_exports(__name__, _MODELS, _PACKAGES)

@@ -34,14 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    # no Lightning "Seed set to N" line on stderr: a bad-input exit prints one line only
+    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"cellvi {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        seed_log.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -43,14 +43,25 @@ def write_h5ad(adata, path: str | os.PathLike, **kwargs) -> Path:
 def read_anndata(path: str | os.PathLike, arg: str = "path"):
     """Read an h5ad file, a 10x h5 file or a 10x mtx directory into AnnData.
 
-    Raises a :class:`ValueError` naming ``arg`` when the path is missing or of an unknown kind.
+    Raises a :class:`ValueError` naming ``arg`` when the path is missing, of an unknown kind, or
+    cannot be read (a truncated or corrupt file: one line with the reader's own reason).
     """
-    import anndata as ad
-    import scanpy as sc
-
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{arg}: {p} does not exist.")
+    try:
+        return _read_any(p, arg)
+    except Exception as err:
+        if isinstance(err, ValueError) and str(err).startswith(f"{arg}:"):
+            raise  # h5py / anndata / scanpy raise OSError, KeyError, TypeError ... on bad files
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{arg}: cannot read {p} ({type(err).__name__}: {first})") from err
+
+
+def _read_any(p: Path, arg: str):
+    import anndata as ad
+    import scanpy as sc
+
     if p.is_dir():
         if any((p / n).exists() for n in ("matrix.mtx", "matrix.mtx.gz")):
             return sc.read_10x_mtx(p, var_names="gene_symbols", make_unique=True)
@@ -63,5 +74,5 @@ def read_anndata(path: str | os.PathLike, arg: str = "path"):
         adata.var_names_make_unique()
         return adata
     if suffix in (".mtx", ".mtx.gz"):
-        return read_anndata(p.parent, arg)
+        return _read_any(p.parent, arg)
     raise ValueError(f"{arg}: {p} is not a .h5ad, 10x .h5 file or 10x mtx directory.")

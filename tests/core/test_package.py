@@ -52,3 +52,9 @@ def test_test_modules_have_unique_basenames():
     tests = Path(__file__).resolve().parents[1]
     names = Counter(p.name for p in tests.rglob("*.py") if p.name != "conftest.py")
     assert [n for n, c in names.items() if c > 1] == []
+
+
+def test_model_packages_resolve_as_attributes_in_a_fresh_interpreter():
+    code = "import cellvi; print(cellvi.velovi.preprocess_data.__name__, cellvi.amici.AMICI.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["preprocess_data", "AMICI"]

@@ -117,24 +117,15 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}.")
     say = (lambda *a: None) if args.quiet else (lambda *a: print("cellvi scar:", *a, flush=True))
 
-    import logging
-
     import scvi
 
-    from cellvi._io import write_h5ad
+    from cellvi._io import read_anndata, write_h5ad
     from cellvi.scar import SCAR
 
-    # seed without Lightning's "Seed set to" line on stderr (a bad-input exit prints one line only)
-    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
-    level = seed_log.level
-    seed_log.setLevel(logging.WARNING)
-    try:
-        scvi.settings.seed = args.seed
-    finally:
-        seed_log.setLevel(level)
+    scvi.settings.seed = args.seed
     say(f"reading {args.filtered} and {args.raw}")
-    adata = _read(args.filtered, "filtered")
-    raw = _read(args.raw, "raw")
+    adata = read_anndata(args.filtered, "filtered")
+    raw = read_anndata(args.raw, "raw")
     say(f"{adata.n_obs} cells x {adata.n_vars} features; {raw.n_obs} raw droplets")
     SCAR.setup_anndata(adata, batch_key=args.batch_key, layer=args.layer)
     prof = SCAR.get_ambient_profile(
@@ -175,16 +166,3 @@ def run(args) -> int:
     write_h5ad(adata, Path(args.output))
     say(f"mean contamination {adata.obs['contamination'].mean():.3f}; wrote {args.output}")
     return 0
-
-
-def _read(path: str, arg: str):
-    """:func:`cellvi._io.read_anndata`, with an unreadable file reported as a one-line ValueError naming ``arg``."""
-    from cellvi._io import read_anndata
-
-    try:
-        return read_anndata(path, arg)
-    except ValueError:
-        raise
-    except Exception as err:  # h5py / anndata / scanpy raise OSError, KeyError, TypeError ... on bad files
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"{arg}: cannot read {path} ({type(err).__name__}: {first})") from err
