@@ -9,16 +9,15 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-import rich.pretty  # noqa: F401  scvi-tools' view_anndata_setup/view_setup_args use it without importing it
 import torch
 from scipy import sparse
 from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager
-from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.data.fields import CategoricalObsField, LayerField, NumericalObsField
 from scvi.model.base import BaseModelClass, RNASeqMixin, UnsupervisedTrainingMixin, VAEMixin
 from scvi.module.base._decorators import _move_data_to_device
 
+from cellvi._base import RegistryMixin
 from cellvi._validation import (
     check_counts,
     check_layer,
@@ -41,7 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Ambient RNA removal in scRNA-seq data :cite:p:`Sheng22`.
 
     Each cell is a mixture of native expression and ambient RNA,
@@ -951,60 +950,3 @@ class SCAR(DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, Base
         )
         w = np.asarray(w, dtype=np.float64)
         return w / w.sum()
-
-    def deregister_manager(self, adata: AnnData | None = None):
-        """Deregisters the :class:`~scvi.data.AnnDataManager` instance associated with `adata`.
-
-        If `adata` is `None`, deregisters all :class:`~scvi.data.AnnDataManager` instances in both
-        the class and instance-specific manager stores, except for the one associated with this
-        model instance. An AnnData registered only with this model (through a ``get_*`` call or
-        :meth:`transfer_fields`) is deregistered too (scvi-tools raises for it).
-        """
-        if adata is not None:
-            uuid = adata.uns.get(_SCVI_UUID_KEY)
-            own = self._per_instance_manager_store.get(self.id, {})
-            if uuid is not None and uuid not in self._setup_adata_manager_store and uuid in own:
-                del own[uuid]
-                return
-        super().deregister_manager(adata)
-
-    def view_registry(self, hide_state_registries: bool = False) -> None:
-        """Prints summary of the registry.
-
-        (scvi-tools 1.4 reads a ``self._registry`` attribute that models do not have and fails; this
-        prints the registry of the model's AnnData, or the saved registry of a model loaded without one.)
-
-        Parameters
-        ----------
-        hide_state_registries
-            If True, prints a shortened summary without details of each state registry.
-        """
-        if self._adata_manager is not None:
-            self._adata_manager.view_registry(hide_state_registries=hide_state_registries)
-            return
-        import rich
-        from scvi.data._constants import _SCVI_VERSION_KEY
-
-        rich.print(f"Anndata setup with scvi-tools version {self.registry_.get(_SCVI_VERSION_KEY)}.")
-        AnnDataManager.view_setup_method_args(self.registry_)
-        rich.print(
-            AnnDataManager._view_summary_stats(
-                AnnDataManager._get_summary_stats_from_registry(self.registry_)
-            )
-        )
-
-    def update_setup_method_args(self, setup_method_args: dict):
-        """Update setup method args.
-
-        Parameters
-        ----------
-        setup_method_args
-            This is a bit of a misnomer, this is a dict representing kwargs of the setup method that
-            will be used to update the existing values in the registry of this instance.
-            (scvi-tools 1.4 writes to a ``self._registry`` attribute that models do not have.)
-        """
-        from scvi.data._constants import _SETUP_ARGS_KEY
-
-        if not isinstance(setup_method_args, dict):
-            raise TypeError(f"setup_method_args must be a dict, got {type(setup_method_args).__name__}.")
-        self.registry_[_SETUP_ARGS_KEY].update(setup_method_args)
