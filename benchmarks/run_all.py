@@ -6,9 +6,9 @@ Each benchmark runs as a subprocess, ``benchmarks/<name>.py --json <out>/<name>.
 ``benchmarks/results`` (``benchmarks/results/quick`` with ``--quick``, so quick figures never replace
 full ones). Usage::
 
-    .venv/bin/python benchmarks/run_all.py                      # everything, defaults (hours on one core)
+    .venv/bin/python benchmarks/run_all.py                      # everything at defaults (scaling.py alone ~20 min)
     .venv/bin/python benchmarks/run_all.py --only scar scaling  # some of them
-    .venv/bin/python benchmarks/run_all.py --quick              # small settings, minutes
+    .venv/bin/python benchmarks/run_all.py --quick              # small settings (~6 min on 2 shared cores)
     .venv/bin/python benchmarks/run_all.py --render             # only rebuild TABLE.md from the JSONs
 
 The benchmark lock: ``run_all.py`` takes ``flock /tmp/cellvi-bench.lock`` itself, once, for the whole run,
