@@ -237,10 +237,11 @@ def main(argv=None) -> int:
     print(f"held-out reconstruction of the cell-type-mean baseline: {baseline:.4f}")
     head = f"{'implementation':<24}{'s/epoch':>9}{'CPU s/epoch':>12}{'peak MB':>9}{'params':>12}{'held-out rec.':>14}"
     print(head + f"{'setup s':>9}")
-    for i, r in enumerate(results):
+    for r in results:
         r["name"] = r["impl"] + (f" eps={r['eps']:g}" if r["eps"] is not None else "")
         r["per_epoch"] = float(np.median(r["epoch_s"][1:] or r["epoch_s"]))
         r["cpu_epoch"] = float(np.median(r["epoch_cpu_s"][1:] or r["epoch_cpu_s"]))
+    for i, r in enumerate(results):
         print(
             f"{r['name']:<24}{r['per_epoch']:>9.2f}{r['cpu_epoch']:>12.2f}{r['peak_mb']:>9.0f}{r['n_params']:>12,}"
             f"{r['heldout_reconstruction']:>14.4f}{r['setup_s']:>9.2f}"

@@ -72,8 +72,11 @@ class AMICI(VAEMixin, BaseModelClass):
       interchangeable after :meth:`load`.
     * The penalties are not part of the reconstruction loss or ELBO, so early stopping (on
       ``elbo_validation``) is not inflated by :class:`~cellvi.amici.AttentionPenaltyMonitor`.
-    * Neighbour expression is gathered by index on the device inside the training step, and per-neighbour
-      features are computed once per unique neighbour cell; no scvi-tools class is patched.
+    * Training runs on cellvi's shared data path (:mod:`cellvi.dataloaders`): expression and neighbour
+      tables are held once as tensors on the training device and each minibatch gathers its receivers and
+      the rows of its *unique* neighbour cells by index; per-neighbour features are computed once per unique
+      neighbour cell; no scvi-tools class is patched. ``strategy="ddp"`` works: each process holds the
+      whole tissue and iterates its share of every minibatch.
     * There is no latent variable: :meth:`get_latent_representation` and :meth:`get_marginal_ll` raise a
       :class:`TypeError` saying so; :meth:`get_nn_embed` gives a per-cell embedding.
 
