@@ -25,6 +25,7 @@ from scvi.model._utils import _init_library_size, use_distributed_sampler
 from scvi.model.base import ArchesMixin, BaseModelClass, RNASeqMixin, UnsupervisedTrainingMixin, VAEMixin
 from scvi.utils import setup_anndata_dsp
 
+from .._base import RegistryMixin
 from .._validation import check_counts, check_layer, check_obs_key, get_matrix, layer_arg
 from ..dataloaders import SemiSupervisedDataPathMixin, make_data_loader, with_data_path
 from ._constants import BLOCKS, PREDICTION_MODES, REPRESENTATIONS
@@ -37,7 +38,13 @@ _MODULE_EXTRA_KWARGS = ("beta_b", "beta_l", "adversary_scale", "alpha_res", "whi
 
 
 class FADVI(
-    SemiSupervisedDataPathMixin, RNASeqMixin, VAEMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass
+    RegistryMixin,
+    SemiSupervisedDataPathMixin,
+    RNASeqMixin,
+    VAEMixin,
+    ArchesMixin,
+    UnsupervisedTrainingMixin,
+    BaseModelClass,
 ):
     """Factor Disentanglement Variational Inference model.
 
