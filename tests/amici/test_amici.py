@@ -242,7 +242,7 @@ def test_module_outputs_and_interpretation_hooks(trained):
     batch = next(iter(model._make_data_loader(model.adata, np.arange(64), 64)))
     with torch.inference_mode():
         _, gen = module(batch, compute_loss=False)
-        B, H, G = 64, SMALL["n_heads"], model.adata.n_vars
+        B, H = 64, SMALL["n_heads"]
         att, scores = gen["attention"], gen["attention_scores"]
         assert att.shape == scores.shape == (B, H, K + 1)
         torch.testing.assert_close(att.sum(-1), torch.ones(B, H))
@@ -431,3 +431,76 @@ def test_cli_trains_and_saves(tissue, tmp_path):
     assert loaded.is_trained and loaded.module.n_heads == 2
     with pytest.raises(FileExistsError):
         args.func(args)
+
+
+# ---------------------------------------------------------------------------- reference formulation
+def _reference_forward(module, labels, nn_x, nn_dist, keep, x):
+    """The model written plainly, per (receiver, neighbour) slot: explicit keys, values and kernel network.
+
+    Returns the prediction and the training loss (Gaussian term plus the module's penalties).
+    """
+    from torch.nn import functional as F
+
+    H, D = module.n_heads, module.n_head_size
+    B, K, _ = nn_x.shape
+    e = module.ct_embed.weight[labels]  # (B, E)
+    qin = module.query_embed(e).view(B, H, -1)
+    q = torch.einsum("bhi,hid->bhd", qin, module.query_proj) + module.query_bias
+    u = module.nn_embed(nn_x)  # (B, K, n_nn)
+    h = module.kv_hidden(u)
+    k = module.key_proj(h).view(B, K, H, D)
+    v = module.value_proj(h).view(B, K, H, D)
+    base = torch.einsum("bhd,bkhd->bhk", q, k) / np.sqrt(D)
+    pos = module.pos_nn(u) + module.pos_label(e)[:, None, :]
+    coef = F.softplus(module.pos_out(F.relu(module.pos_norm(pos))) + module.pos_coef_offset).permute(0, 2, 1)
+    scores = base - coef * nn_dist[:, None, :] / module.distance_kernel_unit_scale
+    scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
+    dummy = torch.full((B, H, 1), module.dummy_score)
+    att = torch.softmax(torch.cat([scores, dummy], -1), -1)
+    z = torch.einsum("bhk,bkhd->bhd", att[..., :-1], v)
+    residual = module.type_offset[labels] + torch.einsum("bhd,hdg->bg", z, module.head_out)
+    pred = module.ct_profiles[labels] + residual
+    total = 0.5 * (x - pred).pow(2).sum(-1)
+    entropy = -(att * att.clamp(1e-6, 1 - 1e-6).log()).sum(-1).mean(-1)
+    total = total + module.attention_penalty_coef * entropy
+    total = total + module.value_l1_penalty_coef * v.abs().sum((-1, -2)).mean(-1)
+    return pred, total.mean()
+
+
+@pytest.mark.parametrize("penalties", [False, True])
+def test_training_forward_and_gradients_equal_reference_formulation(penalties):
+    """The training path (unique neighbour cells, (cell, type) pairs of the kernel network, keys and values
+    reassociated, per-type queries computed once) gives the loss and every parameter gradient of the plain
+    per-slot formulation."""
+    from cellvi.amici._module import AMICIModule
+
+    torch.manual_seed(0)
+    C, G, B, K, N = 3, 12, 16, 6, 40
+    module = AMICIModule(G, C, torch.randn(C, G), neighbor_dropout=0.0, **TINY)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # no zero-initialised layer: every gradient is non-trivial
+    X = torch.randn(N, G)
+    labels = torch.randint(0, C, (B,))
+    nn_idx = torch.randint(0, N, (B, K))
+    nn_dist = 3 * torch.rand(B, K)
+    keep = torch.rand(B, K) > 0.2
+    uniq, inverse = torch.unique(nn_idx, return_inverse=True)
+    batch = {
+        "X": torch.randn(B, G), "labels": labels[:, None], "nn_idx": nn_idx, "nn_dist": nn_dist,
+        "nn_x_unique": X[uniq], "nn_inverse": inverse, "neighbor_mask": keep,
+    }  # fmt: skip
+    if penalties:  # (the value-L1 penalty makes training compute the per-cell keys and values)
+        module.attention_penalty_coef, module.value_l1_penalty_coef = 0.1, 0.01
+    module.train()
+    _, gen, out = module(batch)
+    loss = out.loss
+    grads = torch.autograd.grad(loss, list(module.parameters()), allow_unused=True)
+    pred_ref, loss_ref = _reference_forward(module, labels, X[nn_idx], nn_dist, keep, batch["X"])
+    grads_ref = torch.autograd.grad(loss_ref, list(module.parameters()), allow_unused=True)
+    torch.testing.assert_close(gen["prediction"], pred_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
+    for (name, _), g, g_ref in zip(module.named_parameters(), grads, grads_ref, strict=True):
+        assert g is not None and g_ref is not None, name
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

@@ -20,6 +20,8 @@ class _AmiciKeys(NamedTuple):
     # inference outputs
     QUERIES: str = "queries"
     LABEL_EMBED: str = "label_embed"
+    TYPE_QUERIES: str = "type_queries"  # (C, H, D) queries of every cell type
+    TYPE_LABEL_EMBED: str = "type_label_embed"  # (C, n_label_embed) embeddings of every cell type
     NN_EMBED: str = "nn_embed"
     KEYS: str = "keys"
     VALUES: str = "values"

@@ -4,12 +4,16 @@ The module knows nothing of AnnData. For a minibatch of ``B`` receiver cells wit
 each (the ``K`` nearest cells of *another* type), over ``G`` genes, ``C`` types and ``H`` heads:
 
 * query: the receiver's type ``c`` -> embedding ``e_c`` -> MLP -> per-head query ``q_h`` (size ``n_head_size``);
+  the query network runs once per step, on the ``C`` type embeddings (:meth:`AMICIModule.type_queries`);
 * neighbour features, computed **once per unique neighbour cell** of the minibatch: expression ``x_j``
   -> ``nn_embed`` -> ``u_j`` -> per-head key ``k_hj`` and value ``v_hj``;
 * distance-kernel coefficient ``beta_hj = softplus(f_h(u_j, e_c) + pos_coef_offset) > 0``; the first
   layer of ``f`` is split into a per-neighbour part and a per-type part, so only a LayerNorm and one
-  small linear layer run, once per unique (neighbour cell, receiver type) pair of the minibatch (the
-  base score ``q . k`` likewise: queries depend on the receiver's type only);
+  small linear layer run, once per unique (neighbour cell, receiver type) pair of the minibatch;
+* the keys and values are linear in the shared hidden layer ``h_j``, so training never forms them per
+  neighbour: ``q_c . k_j = (W_k^T q_c) . h_j + q_c . b_k`` (the key projection applied to the C type
+  queries) and ``sum_j a_hj v_hj = W_v,h (sum_j a_hj h_j) + b_v,h sum_j a_hj`` (the value projection
+  applied after the attention sum, per receiver and head). The same numbers, 15-20% less work per step;
 * attention score ``l_hj = q_h . k_hj / sqrt(n_head_size) - beta_hj * d_j / distance_kernel_unit_scale``,
   plus a dummy "no interaction" key with fixed score ``attention_dummy_score`` and value 0; softmax over the
   ``K + 1`` entries gives ``a_hj``;
@@ -80,7 +84,7 @@ class _MLP(nn.Module):
         self.net = nn.Sequential(
             nn.Linear(n_in, n_hidden),
             nn.LayerNorm(n_hidden),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),  # (in place on the LayerNorm output, which its backward does not read)
             nn.Linear(n_hidden, n_out),
             nn.LayerNorm(n_out) if final_norm else nn.Identity(),
         )
@@ -234,7 +238,7 @@ class AMICIModule(BaseModuleClass):
         w = torch.cat([self.kv_hidden[0].weight, self.pos_nn.weight])
         bias = torch.cat([self.kv_hidden[0].bias, self.pos_nn.bias])
         kv, pos = torch.split(F.linear(u, w, bias), [n_kv, w.shape[0] - n_kv], dim=1)
-        h = F.relu(self.kv_hidden[1](kv))
+        h = F.relu(self.kv_hidden[1](kv), inplace=True)
         out = {KEYS.NN_EMBED: u, KEYS.KV_HIDDEN: h, KEYS.POS_HIDDEN: pos}
         if keys_values:
             shape = (-1, self.n_heads, self.n_head_size)
@@ -242,15 +246,16 @@ class AMICIModule(BaseModuleClass):
             out[KEYS.VALUES] = self.value_proj(h).view(shape)
         return out
 
-    def _pair_terms(self, kv_hidden, pos_hidden, nn_inverse, labels):
+    def _pair_terms(self, kv_hidden, pos_hidden, nn_inverse, labels, type_queries=None):
         """Base scores and distance coefficients (B, H, K) from per-cell features gathered by ``nn_inverse``.
 
         ``q_c . k_j = (W_k^T q_c) . h_j + q_c . b_k``: the key projection is applied to the C type queries
         instead of the U neighbour cells. The distance coefficient depends only on the neighbour cell and the
         receiver's *type*, so its network runs once per unique (neighbour cell, receiver type) pair.
+        ``type_queries``: the output of :meth:`type_queries` when already computed (else computed here).
         """
         n_types, H, D = self.n_labels, self.n_heads, self.n_head_size
-        q_types, e_types = self.type_queries()  # (C, H, D), (C, E)
+        q_types, e_types = self.type_queries() if type_queries is None else type_queries  # (C, H, D), (C, E)
         wk = self.key_proj.weight.view(H, D, -1)  # (H, D, n_kv)
         q_kv = torch.einsum("chd,hdn->chn", q_types, wk).reshape(n_types * H, -1)
         q_b = (q_types * self.key_proj.bias.view(H, D)).sum(-1).reshape(-1)  # (C * H,)
@@ -259,8 +264,10 @@ class AMICIModule(BaseModuleClass):
         pair = nn_inverse * n_types + labels[:, None]
         uniq, pair_inverse = torch.unique(pair, return_inverse=True)
         cell, ctype = uniq // n_types, uniq % n_types
-        pos = pos_hidden[cell] + self.pos_label(e_types)[ctype]
-        coef = F.softplus(self.pos_out(F.relu(self.pos_norm(pos))) + self.pos_coef_offset)  # (M, H)
+        pos = pos_hidden.index_select(0, cell) + self.pos_label(e_types).index_select(0, ctype)
+        coef = F.softplus(
+            self.pos_out(F.relu(self.pos_norm(pos), inplace=True)) + self.pos_coef_offset
+        )  # (M, H)
         return base.permute(0, 2, 1), coef[pair_inverse].permute(0, 2, 1)
 
     @staticmethod
@@ -326,9 +333,12 @@ class AMICIModule(BaseModuleClass):
         training otherwise reads the neighbours through their key/value hidden layer only.
         """
         labels = labels.reshape(-1).long()
-        q, e = self.queries(labels)
+        q_types, e_types = self.type_queries()
         out = self.neighbor_features(nn_x, keys_values=not self.training or self.value_l1_penalty_coef > 0)
-        out.update({KEYS.QUERIES: q, KEYS.LABEL_EMBED: e, KEYS.NN_INVERSE: nn_inverse})
+        out.update(
+            {KEYS.QUERIES: q_types[labels], KEYS.LABEL_EMBED: e_types[labels], KEYS.NN_INVERSE: nn_inverse}
+        )
+        out.update({KEYS.TYPE_QUERIES: q_types, KEYS.TYPE_LABEL_EMBED: e_types})
         return out
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
@@ -341,6 +351,11 @@ class AMICIModule(BaseModuleClass):
             "pos_hidden": inference_outputs[KEYS.POS_HIDDEN],
             "nn_inverse": inference_outputs[KEYS.NN_INVERSE],
         }
+        if KEYS.TYPE_QUERIES in inference_outputs:
+            gen["type_queries"] = (
+                inference_outputs[KEYS.TYPE_QUERIES],
+                inference_outputs[KEYS.TYPE_LABEL_EMBED],
+            )
         for key in ("neighbor_mask", "attention_scale"):
             if key in tensors:
                 gen[key] = tensors[key]
@@ -358,6 +373,7 @@ class AMICIModule(BaseModuleClass):
         nn_inverse: torch.Tensor,
         neighbor_mask: torch.Tensor | None = None,
         attention_scale: torch.Tensor | None = None,
+        type_queries: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict:
         """Attention over the K neighbours plus the dummy key, and the predicted expression.
 
@@ -380,6 +396,10 @@ class AMICIModule(BaseModuleClass):
         attention_scale
             Tensor broadcastable to (B, H, K) multiplying the post-softmax weights of the real neighbours
             (no renormalisation).
+        type_queries
+            ``(queries (C, H, D), label embeddings (C, n_label_embed))`` of every type, as returned by
+            :meth:`type_queries`; :meth:`inference` passes its own so that the query network runs once per
+            step (computed here when None).
 
         Returns
         -------
@@ -387,7 +407,7 @@ class AMICIModule(BaseModuleClass):
         ``distance_coef`` (B, H, K), ``head_residuals`` (B, H, G), ``residual`` and ``prediction`` (B, G).
         """
         labels = labels.reshape(-1).long()
-        base, coef = self._pair_terms(kv_hidden, pos_hidden, nn_inverse, labels)
+        base, coef = self._pair_terms(kv_hidden, pos_hidden, nn_inverse, labels, type_queries)
         scores = base - coef * nn_dist[:, None, :].to(base.dtype) / self._unit_scale
         keep = None
         if self.training and self.neighbor_dropout > 0:
