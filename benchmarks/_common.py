@@ -145,6 +145,7 @@ class Report:
         try:
             with os.fdopen(fd, "w") as fh:
                 json.dump(self.to_dict(), fh, indent=2, default=float)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the figures from other users
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
