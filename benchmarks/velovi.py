@@ -1,28 +1,35 @@
 """cellvi.VELOVI against scvi.external.VELOVI: same data, same settings, one process, one torch thread.
 
-Prints ground-truth quality (on cellvi.data.simulate_velocity), training throughput and the time of
-get_directional_uncertainty / get_permutation_scores, with cellvi / original ratios.
+Prints ground-truth quality (on cellvi.data.simulate_velocity), training throughput, peak memory growth
+of training and the time of get_directional_uncertainty / get_permutation_scores, with original / cellvi
+ratios (> 1: cellvi is faster); ``--json PATH`` also writes them (``benchmarks/_common.Report``)::
 
-    .venv/bin/python benchmarks/velovi.py                 # 1000 cells x 50 genes, 200 epochs
+    flock /tmp/cellvi-bench.lock .venv/bin/python benchmarks/velovi.py   # 1000 cells x 50 genes, 200 epochs
+    flock /tmp/cellvi-bench.lock .venv/bin/python benchmarks/velovi.py --json benchmarks/results/velovi.json
     .venv/bin/python benchmarks/velovi.py --n-obs 3000 --n-vars 100 --max-epochs 300
 
-Timings are wall-clock and CPU (process) time; on a shared machine, CPU time is the steadier figure.
+Both models get the same data, seed, epochs, batch size (256), posterior samples and the rest of their
+defaults. Timings are wall-clock and CPU (process) time; on a shared machine, CPU time is the steadier
+figure. Directional uncertainty runs with ``n_jobs=1`` on both sides by default (one thread each, so that
+CPU time counts all the work; the original's default ``n_jobs=-1`` starts joblib worker processes whose
+CPU time the parent does not see): ``--uncertainty-n-jobs -1`` runs the page's default instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import time
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import Report, add_json_argument, measure
 
-def _timed(fn, *args, **kwargs):
-    w, c = time.perf_counter(), time.process_time()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - w, time.process_time() - c
+#: Direction of every quality metric (all are agreement with the simulated truth).
+_BETTER = "higher"
 
 
 def _quality(model, adata, n_samples: int) -> dict[str, float]:
@@ -65,8 +72,27 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=200)
     parser.add_argument("--n-samples", type=int, default=25, help="posterior samples for the quality metrics")
     parser.add_argument("--uncertainty-samples", type=int, default=50)
+    parser.add_argument(
+        "--uncertainty-n-jobs", type=int, default=1, help="n_jobs of get_directional_uncertainty (both)"
+    )
     parser.add_argument("--seed", type=int, default=0)
+    add_json_argument(parser)
     args = parser.parse_args()
+    report = Report(
+        "velovi",
+        settings={
+            "n_obs": args.n_obs,
+            "n_vars": args.n_vars,
+            "max_epochs": args.max_epochs,
+            "batch_size": 256,
+            "quality_n_samples": args.n_samples,
+            "uncertainty_n_samples": args.uncertainty_samples,
+            "uncertainty_n_jobs": args.uncertainty_n_jobs,
+            "permutation_n_samples": 10,
+            "seed": args.seed,
+            "threads": 1,
+        },
+    )
 
     import torch
 
@@ -86,7 +112,8 @@ def main() -> None:
     adata = preprocess_data(adata, filter_on_r2=False)
     print(
         f"data: {adata.n_obs} cells x {adata.n_vars} genes (simulate_velocity seed {args.seed}); "
-        f"torch threads {torch.get_num_threads()}; max_epochs {args.max_epochs}, batch 256, other defaults"
+        f"torch threads {torch.get_num_threads()}; max_epochs {args.max_epochs}, batch 256, other defaults; "
+        f"uncertainty n_samples {args.uncertainty_samples}, n_jobs {args.uncertainty_n_jobs}"
     )
 
     results = {}
@@ -95,42 +122,72 @@ def main() -> None:
         cls.setup_anndata(data, spliced_layer="Ms", unspliced_layer="Mu")
         scvi.settings.seed = args.seed
         model = cls(data)
-        _, wall, cpu = _timed(model.train, max_epochs=args.max_epochs, enable_progress_bar=False)
+        m = measure(lambda model=model: model.train(max_epochs=args.max_epochs, enable_progress_bar=False))
         epochs = len(model.history["elbo_train"])
         n_train = len(model.train_indices)
         res = {
             "epochs": epochs,
-            "train_wall": wall,
-            "train_cpu": cpu,
-            "cells_per_s_cpu": n_train * epochs / cpu,
+            "n_train": n_train,
+            "train_wall": m.wall_s,
+            "train_cpu": m.cpu_s,
+            "train_peak_mb": m.peak_mb,
         }
         res["quality"] = _quality(model, data, args.n_samples)
         torch.manual_seed(0)
-        _, res["unc_wall"], res["unc_cpu"] = _timed(
-            model.get_directional_uncertainty, n_samples=args.uncertainty_samples
+        m = measure(
+            lambda model=model: model.get_directional_uncertainty(
+                n_samples=args.uncertainty_samples, n_jobs=args.uncertainty_n_jobs
+            )
         )
-        _, res["perm_wall"], res["perm_cpu"] = _timed(model.get_permutation_scores, labels_key="cell_type")
+        res["unc_wall"], res["unc_cpu"] = m.wall_s, m.cpu_s
+        m = measure(lambda model=model: model.get_permutation_scores(labels_key="cell_type"))
+        res["perm_wall"], res["perm_cpu"] = m.wall_s, m.cpu_s
         results[name] = res
-        print(f"  {name}: trained {epochs} epochs in {wall:.1f}s wall / {cpu:.1f}s CPU", flush=True)
+        print(
+            f"  {name}: trained {epochs} epochs in {res['train_wall']:.1f}s wall / {res['train_cpu']:.1f}s CPU",
+            flush=True,
+        )
 
     new, old = results["cellvi"], results["original"]
     print("\nground truth (higher is better)          cellvi   original")
     for key in new["quality"]:
         print(f"  {key:38s} {new['quality'][key]:7.3f}   {old['quality'][key]:7.3f}")
-    print("\nspeed                                     cellvi   original   ratio")
+        report.quality(key, float(new["quality"][key]), float(old["quality"][key]), better=_BETTER)
+    print("\nspeed (ratio: original / cellvi)          cellvi   original   ratio")
+    per_epoch = f"training ({new['n_train']} cells x {new['epochs']} epochs)"
     rows = [
-        ("training s/epoch (CPU)", new["train_cpu"] / new["epochs"], old["train_cpu"] / old["epochs"]),
-        ("training s/epoch (wall)", new["train_wall"] / new["epochs"], old["train_wall"] / old["epochs"]),
-        ("get_directional_uncertainty s (wall)", new["unc_wall"], old["unc_wall"]),
-        ("get_directional_uncertainty s (CPU)", new["unc_cpu"], old["unc_cpu"]),
-        ("get_permutation_scores s (wall)", new["perm_wall"], old["perm_wall"]),
-        ("get_permutation_scores s (CPU)", new["perm_cpu"], old["perm_cpu"]),
+        ("training s/epoch (CPU)", "cpu", new["train_cpu"] / new["epochs"], old["train_cpu"] / old["epochs"]),
+        (
+            "training s/epoch (wall)",
+            "wall",
+            new["train_wall"] / new["epochs"],
+            old["train_wall"] / old["epochs"],
+        ),
+        ("get_directional_uncertainty s (CPU)", "cpu", new["unc_cpu"], old["unc_cpu"]),
+        ("get_directional_uncertainty s (wall)", "wall", new["unc_wall"], old["unc_wall"]),
+        ("get_permutation_scores s (CPU)", "cpu", new["perm_cpu"], old["perm_cpu"]),
+        ("get_permutation_scores s (wall)", "wall", new["perm_wall"], old["perm_wall"]),
     ]
-    for label, a, b in rows:
+    for label, clock, a, b in rows:
         print(f"  {label:38s} {a:7.3f}   {b:7.3f}   {b / a:5.1f}x")
-    print(
-        "  (the original's uncertainty runs joblib over all cores, n_jobs=-1; its CPU time misses the workers)"
+    report.speed(per_epoch, new["train_cpu"], old["train_cpu"], clock="cpu")
+    report.speed(per_epoch, new["train_wall"], old["train_wall"], clock="wall")
+    unc = (
+        f"get_directional_uncertainty ({args.uncertainty_samples} samples, n_jobs={args.uncertainty_n_jobs})"
     )
+    report.speed(unc, new["unc_cpu"], old["unc_cpu"], clock="cpu")
+    report.speed(unc, new["unc_wall"], old["unc_wall"], clock="wall")
+    report.speed("get_permutation_scores (10 samples)", new["perm_cpu"], old["perm_cpu"], clock="cpu")
+    report.speed("get_permutation_scores (10 samples)", new["perm_wall"], old["perm_wall"], clock="wall")
+    print(
+        f"\npeak memory growth of training (MiB)      {new['train_peak_mb']:7.1f}   {old['train_peak_mb']:7.1f}"
+    )
+    report.memory("training", new["train_peak_mb"], old["train_peak_mb"])
+    if args.uncertainty_n_jobs != 1:
+        note = "the original's uncertainty runs joblib worker processes; its CPU time misses the workers"
+        print(f"  ({note})")
+        report.note(note)
+    report.write(args.json)
 
 
 if __name__ == "__main__":

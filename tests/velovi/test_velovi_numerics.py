@@ -1,16 +1,20 @@
 """Numerical building blocks of the VELOVI module: special functions, the Gamma sampler, dropout."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from cellvi.velovi._module import _MaskDropout, kl_dirichlet, log_gamma_rsample
+from cellvi.velovi._module import _MaskDropout, kl_dirichlet, log_gamma_rsample, mixture_log_likelihood
 from cellvi.velovi._special import digamma, lgamma, lgamma_digamma, trigamma
 
 
 def _grid() -> torch.Tensor:
-    return torch.cat([torch.logspace(-4, 6, 4001, dtype=torch.float64), torch.linspace(0.05, 12, 500).double()])
+    return torch.cat(
+        [torch.logspace(-4, 6, 4001, dtype=torch.float64), torch.linspace(0.05, 12, 500).double()]
+    )
 
 
 @pytest.mark.parametrize(
@@ -74,3 +78,43 @@ def test_mask_dropout_keeps_the_expectation_and_rate():
     assert torch.equal(x.grad, y.detach())  # gradient is the same mask
     drop.eval()
     assert drop(x) is x
+
+
+def _reference_mixture_ll(log_pi, k, sd, unspliced, spliced):
+    # the formula the fused function replaced: stacked (2, ..., G, 4) means and a trailing logsumexp
+    zero = torch.zeros_like(k["u_ind"])
+    u_ss, s_ss = k["u_steady"].expand_as(zero), k["s_steady"].expand_as(zero)
+    means = torch.stack([k["u_ind"], u_ss, k["u_rep"], zero, k["s_ind"], s_ss, k["s_rep"], zero], dim=-1)
+    means = means.unflatten(-1, (2, 4)).movedim(-2, 0)
+    shape = (2,) + (1,) * (means.dim() - 3) + sd.shape[1:]
+    log_norm = (-torch.log(sd) - 0.5 * math.log(2 * math.pi)).view(shape)
+    x = torch.stack([unspliced, spliced])
+    x = x.view(2, *(1,) * (means.dim() - x.dim() - 1), *x.shape[1:], 1)
+    zsc = (x - means) * (math.sqrt(0.5) / sd).view(shape)
+    return torch.logsumexp(log_pi + log_norm - zsc * zsc, dim=-1)
+
+
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_mixture_log_likelihood_matches_the_reference_formula(lead):
+    torch.manual_seed(4)
+    b, g = 5, 3
+    dd = {"dtype": torch.float64}
+    log_pi = torch.log_softmax(torch.randn(*lead, b, g, 4, **dd), -1).requires_grad_()
+    k = {key: torch.rand(*lead, b, g, **dd).requires_grad_() for key in ("u_ind", "u_rep", "s_ind", "s_rep")}
+    k["u_steady"] = (torch.rand(g, **dd) + 0.5).requires_grad_()
+    k["s_steady"] = (torch.rand(g, **dd) + 0.5).requires_grad_()
+    sd = (torch.rand(2, g, 4, **dd) * 0.3 + 0.05).requires_grad_()
+    u, s = torch.rand(b, g, **dd), torch.rand(b, g, **dd)
+    inputs = [log_pi, *(k[n] for n in ("u_ind", "u_rep", "s_ind", "s_rep", "u_steady", "s_steady")), sd]
+
+    got = mixture_log_likelihood(log_pi, k, sd, u, s)
+    expected = _reference_mixture_ll(log_pi, k, sd, u, s)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(got)
+    g_got = torch.autograd.grad((got * w).sum(), inputs)
+    g_exp = torch.autograd.grad((expected * w).sum(), inputs)
+    for a, e in zip(g_got, g_exp, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    # and the observed values' gradient, which training never asks for
+    u.requires_grad_()
+    assert torch.autograd.gradcheck(lambda uu: mixture_log_likelihood(log_pi.detach(), k, sd, uu, s), (u,))
