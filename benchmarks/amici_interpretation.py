@@ -2,8 +2,8 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/amici_interpretation.py [--n-cells 3000] [--n-genes 100] [--epochs 2]
-                                                         [--skip-original]
+    flock /tmp/cellvi-bench.lock .venv/bin/python benchmarks/amici_interpretation.py \
+        [--n-cells 3000] [--n-genes 100] [--epochs 2] [--skip-original] [--json PATH]
 
 Reuses the original's environment of ``benchmarks/amici.py`` (``benchmarks/_envs/amici-st``, built there on
 first use) and its model hyperparameters (the paper's: 8 heads of size 32, ...). Each implementation runs
@@ -19,6 +19,8 @@ interpretation suite with the original's defaults:
 
 cellvi additionally computes communication hubs and bootstrap confidence intervals of the length scales
 (not in the 0.1.0 wheel; counted in cellvi's total). Printed: seconds per step and the ratio.
+``--json PATH`` also writes CPU seconds and peak memory growth per step (``_common.Report``) for
+``run_all.py``.
 """
 
 from __future__ import annotations
@@ -30,10 +32,19 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def _common():
+    """``benchmarks/_common.py`` loaded by path (the original's worker drops this folder from sys.path)."""
+    if "_common" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_common", HERE / "_common.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["_common"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["_common"]
 
 
 def _training_bench():
@@ -46,7 +57,6 @@ def _training_bench():
 
 # ---------------------------------------------------------------------------- worker (runs in either env)
 def worker(impl: str, data: str, out: str, epochs: int, n_neighbors: int, n_permutations: int | None):
-    import numpy as np
     import torch
 
     torch.set_num_threads(1)
@@ -82,14 +92,14 @@ def worker(impl: str, data: str, out: str, epochs: int, n_neighbors: int, n_perm
                 accelerator="cpu")
     cell_types = list(adata.obs["cell_type"].cat.categories)
     quiet = {} if impl == "original" else {"prog_bar": False}
-    times = {}
+    times, cpu, peaks = {}, {}, {}
+    measure = _common().measure
 
     def timed(name, fn):
-        t0 = time.perf_counter()
-        res = fn()
-        times[name] = time.perf_counter() - t0
+        m = measure(fn)
+        times[name], cpu[name], peaks[name] = m.wall_s, m.cpu_s, m.peak_mb
         print(f"  {impl} {name}: {times[name]:.2f}s", flush=True)
-        return res
+        return m.result
 
     att = timed("attention patterns", lambda: AMICIAttentionModule.compute(model, flavor="vanilla", **quiet))
     timed("explained variance + permutation test",
@@ -116,7 +126,7 @@ def worker(impl: str, data: str, out: str, epochs: int, n_neighbors: int, n_perm
             cf.length_scale_confidence_intervals(attention_threshold=0.1, n_bootstrap=10_000)
 
         timed("extras: communication hubs + bootstrap CIs (cellvi only)", extras)
-    Path(out).write_text(json.dumps({"impl": impl, "times": times,
+    Path(out).write_text(json.dumps({"impl": impl, "times": times, "cpu": cpu, "peak_mb": peaks,
                                      "n_params": int(sum(p.numel() for p in model.module.parameters()))}))
 
 
@@ -132,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker", choices=["cellvi", "original"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    _common().add_json_argument(p)
     args = p.parse_args(argv)
 
     if args.worker:
@@ -180,6 +191,24 @@ def main(argv=None) -> int:
         print(f"{'full suite (cellvi incl. extras)':<58}{total_c:>10.2f}{total_o:>12.2f}{total_o / total_c:>7.1f}x")
     else:
         print(f"{'full suite':<58}{total_c:>10.2f}")
+
+    report = _common().Report(
+        "amici_interpretation",
+        settings={"n_cells": args.n_cells, "n_genes": args.n_genes, "n_neighbors": args.n_neighbors,
+                  "epochs": args.epochs, "n_permutations": args.n_permutations, "threads": 1},
+    )
+    res = {r["impl"]: r for r in results}
+    orig = res.get("original", {"cpu": {}, "peak_mb": {}})
+    for step in steps:
+        report.speed(step, res["cellvi"]["cpu"][step], orig["cpu"].get(step), clock="cpu")
+        report.memory(step, res["cellvi"]["peak_mb"][step], orig["peak_mb"].get(step))
+    shared = [s for s in steps if s in orig["cpu"]]
+    if shared:
+        report.speed("full suite (steps both have)", sum(res["cellvi"]["cpu"][s] for s in shared),
+                     sum(orig["cpu"][s] for s in shared), clock="cpu")
+    else:
+        report.note("original not run (--skip-original)")
+    report.write(args.json)
     return 0
 
 
