@@ -87,10 +87,10 @@ def gamma_rsample(concentration: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_gamma_rsample(concentration))
 
 
-def dirichlet_log_rsample(concentration: torch.Tensor) -> torch.Tensor:
-    """Log of a reparameterised Dirichlet sample along the last dimension (normalised Gamma draws)."""
+def dirichlet_log_rsample(concentration: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Log of a reparameterised Dirichlet sample along ``dim`` (normalised Gamma draws)."""
     log_x = log_gamma_rsample(concentration)
-    return log_x - torch.logsumexp(log_x, dim=-1, keepdim=True)
+    return log_x - torch.logsumexp(log_x, dim=dim, keepdim=True)
 
 
 def dirichlet_rsample(concentration: torch.Tensor) -> torch.Tensor:
@@ -114,8 +114,9 @@ class _MixtureLogLik(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, log_pi, u_ind, u_rep, s_ind, s_rep, u_ss, s_ss, sd, u_obs, s_obs):
-        shape = torch.broadcast_shapes(u_ind.shape, u_rep.shape, s_ind.shape, s_rep.shape, log_pi.shape[:-1])
+    def forward(ctx, log_pi, u_ind, u_rep, s_ind, s_rep, u_ss, s_ss, sd, u_obs, s_obs, states_first=False):
+        pi_shape = log_pi.shape[1:] if states_first else log_pi.shape[:-1]
+        shape = torch.broadcast_shapes(u_ind.shape, u_rep.shape, s_ind.shape, s_rep.shape, pi_shape)
         zero = u_ind.new_zeros(()).expand(shape)
         parts = [u_ind, s_ind, u_ss, s_ss, u_rep, s_rep, zero, zero]
         means = torch.stack([p.expand(shape) for p in parts]).view(4, 2, *shape)  # states outermost
@@ -126,7 +127,7 @@ class _MixtureLogLik(torch.autograd.Function):
             1, 2, *one[1:], *shape[-2:]
         )
         zsc = (x - means).mul_(inv)
-        lp = log_pi.movedim(-1, 0).contiguous().unsqueeze(1)  # (4, 1, ...)
+        lp = (log_pi if states_first else log_pi.movedim(-1, 0).contiguous()).unsqueeze(1)  # (4, 1, ...)
         a = (lp - (torch.log(sd_sf) + 0.5 * _LOG_2PI)).addcmul_(zsc, zsc, value=-1.0)
         m = a.amax(0)
         e = a.sub_(m).exp_()
@@ -134,6 +135,7 @@ class _MixtureLogLik(torch.autograd.Function):
         ll = torch.log(total).add_(m)
         ctx.save_for_backward(e.div_(total), zsc, inv, sd_sf)
         ctx.shapes = [t.shape for t in (log_pi, u_ind, u_rep, s_ind, s_rep, u_ss, s_ss, sd, u_obs, s_obs)]
+        ctx.states_first = states_first
         return ll
 
     @staticmethod
@@ -144,9 +146,10 @@ class _MixtureLogLik(torch.autograd.Function):
         gr = r * grad  # (4, 2, ...)
         gz = gr * zsc
         g_means = gz * (2.0 * inv)
-        out = [None] * 10
+        out = [None] * 11
         if need[0]:
-            out[0] = torch.add(gr[:, 0], gr[:, 1]).movedim(0, -1).sum_to_size(shapes[0])
+            g_pi = torch.add(gr[:, 0], gr[:, 1])
+            out[0] = (g_pi if ctx.states_first else g_pi.movedim(0, -1)).sum_to_size(shapes[0])
         for i, (state, row) in zip((1, 2, 3, 4, 5, 6), ((0, 0), (2, 0), (0, 1), (2, 1), (1, 0), (1, 1))):
             if need[i]:
                 out[i] = g_means[state, row].sum_to_size(shapes[i])
@@ -160,8 +163,11 @@ class _MixtureLogLik(torch.autograd.Function):
         return tuple(out)
 
 
-def mixture_log_likelihood(log_pi, kinetics, sd, unspliced, spliced) -> torch.Tensor:
-    """Per cell-gene ``(log p(u), log p(s))`` stacked ``(2, ..., G)``: see :class:`_MixtureLogLik`."""
+def mixture_log_likelihood(log_pi, kinetics, sd, unspliced, spliced, states_first=False) -> torch.Tensor:
+    """Per cell-gene ``(log p(u), log p(s))`` stacked ``(2, ..., G)``: see :class:`_MixtureLogLik`.
+
+    ``log_pi`` is ``(..., G, 4)``, or ``(4, ..., G)`` with ``states_first=True``.
+    """
     k = kinetics
     return _MixtureLogLik.apply(
         log_pi,
@@ -174,11 +180,12 @@ def mixture_log_likelihood(log_pi, kinetics, sd, unspliced, spliced) -> torch.Te
         sd,
         unspliced,
         spliced,
+        states_first,
     )
 
 
 class _KLDirichlet(torch.autograd.Function):
-    """``KL(Dir(a) || Dir(b 1))`` over the last dim with a hand-written gradient.
+    """``KL(Dir(a) || Dir(b 1))`` over dimension ``dim`` with a hand-written gradient.
 
     ``dKL/da_j = (a_j - b) psi'(a_j) - (a_0 - K b) psi'(a_0)``: two trigamma evaluations instead of the
     four special-function evaluations plus their products that autograd would run. The forward pass uses
@@ -186,34 +193,35 @@ class _KLDirichlet(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, prior: float):
-        k = a.shape[-1]
-        a0 = a.sum(-1)
+    def forward(ctx, a: torch.Tensor, prior: float, dim: int = -1):
+        k = a.shape[dim]
+        a0 = a.sum(dim)
         lg_a, dig_a = lgamma_digamma(a)
         lg_a0, dig_a0 = lgamma_digamma(a0)
         out = (
             lg_a0
-            - lg_a.sum(-1)
+            - lg_a.sum(dim)
             + (k * math.lgamma(prior) - math.lgamma(prior * k))
-            + ((a - prior) * (dig_a - dig_a0.unsqueeze(-1))).sum(-1)
+            + ((a - prior) * (dig_a - dig_a0.unsqueeze(dim))).sum(dim)
         )
         ctx.save_for_backward(a, a0)
-        ctx.prior = prior
+        ctx.prior, ctx.dim = prior, dim
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         a, a0 = ctx.saved_tensors
-        k = a.shape[-1]
+        dim = ctx.dim
+        k = a.shape[dim]
         grad = (a - ctx.prior) * torch.polygamma(1, a) - (
             (a0 - k * ctx.prior) * torch.polygamma(1, a0)
-        ).unsqueeze(-1)
-        return grad * grad_out.unsqueeze(-1), None
+        ).unsqueeze(dim)
+        return grad * grad_out.unsqueeze(dim), None, None
 
 
-def kl_dirichlet(concentration: torch.Tensor, prior: float) -> torch.Tensor:
-    """``KL(Dir(concentration) || Dir(prior * 1))`` along the last dimension."""
-    return _KLDirichlet.apply(concentration, float(prior))
+def kl_dirichlet(concentration: torch.Tensor, prior: float, dim: int = -1) -> torch.Tensor:
+    """``KL(Dir(concentration) || Dir(prior * 1))`` along dimension ``dim``."""
+    return _KLDirichlet.apply(concentration, float(prior), dim)
 
 
 def _dirichlet_log_density(log_p: torch.Tensor, concentration: torch.Tensor) -> torch.Tensor:
@@ -606,18 +614,24 @@ class VELOVAE(BaseModuleClass):
     def _generative(self, z, latent_dim: int | None = None, sample_pi: bool = True):
         """:meth:`generative` for tensors already on the module's device (no per-call device lookup)."""
         px_pi_alpha, px_rho, px_tau = self.decoder(z, latent_dim=latent_dim)
+        # the state dimension goes first for the computations (one copy): PyTorch's CPU kernels reduce
+        # and broadcast over a trailing dimension of size 4 about ten times slower than over a leading one
+        alpha_states = px_pi_alpha.movedim(-1, 0).contiguous()
         if sample_pi:
-            log_pi = dirichlet_log_rsample(px_pi_alpha)
+            log_pi_states = dirichlet_log_rsample(alpha_states, dim=0)
         else:
-            log_pi = torch.log(px_pi_alpha) - torch.log(px_pi_alpha.sum(-1, keepdim=True))
-        px_pi = torch.exp(log_pi)
+            log_pi_states = torch.log(alpha_states) - torch.log(alpha_states.sum(0))
+        pi_states = torch.exp(log_pi_states)
         k = self.kinetics(px_rho, px_tau)
         u_sw, s_sw = k["u_switch"], k["s_switch"]
         end_penalty = ((u_sw - self.switch_unspliced) ** 2).sum() + ((s_sw - self.switch_spliced) ** 2).sum()
         return {
-            "px_pi": px_pi,
-            "log_px_pi": log_pi,
+            "px_pi": pi_states.movedim(0, -1),
+            "log_px_pi": log_pi_states.movedim(0, -1),
             "px_pi_alpha": px_pi_alpha,
+            "pi_states": pi_states,  # (4, ..., G): the same values with the states first
+            "log_pi_states": log_pi_states,
+            "alpha_states": alpha_states,
             "px_rho": px_rho,
             "px_tau": px_tau,
             "kinetics": k,
@@ -633,11 +647,12 @@ class VELOVAE(BaseModuleClass):
         in one stacked pass with a hand-written gradient (:class:`_MixtureLogLik`).
         """
         ll = mixture_log_likelihood(
-            generative_outputs["log_px_pi"],
+            generative_outputs["log_pi_states"],
             generative_outputs["kinetics"],
             self.state_scales(),
             unspliced,
             spliced,
+            states_first=True,
         )
         return ll[0], ll[1]
 
@@ -646,12 +661,13 @@ class VELOVAE(BaseModuleClass):
         spliced = tensors[VELOVI_REGISTRY_KEYS.X_KEY]
         unspliced = tensors[VELOVI_REGISTRY_KEYS.U_KEY]
         qz_m, qz_v = inference_outputs[MODULE_KEYS.QZM_KEY], inference_outputs[MODULE_KEYS.QZV_KEY]
-        px_pi_alpha = generative_outputs["px_pi_alpha"]
 
         log_pu, log_ps = self.log_likelihood(spliced, unspliced, generative_outputs)
         reconst_loss = -(log_pu.sum(-1) + log_ps.sum(-1))
         kl_z = 0.5 * (qz_m * qz_m + qz_v - torch.log(qz_v) - 1).sum(dim=-1)
-        kl_pi = kl_dirichlet(px_pi_alpha, self.dirichlet_concentration).sum(dim=-1)
+        kl_pi = kl_dirichlet(generative_outputs["alpha_states"], self.dirichlet_concentration, dim=0).sum(
+            dim=-1
+        )
         loss = torch.mean(reconst_loss + kl_weight * kl_z + kl_pi)
         loss = loss + self.penalty_scale * (1 - kl_weight) * generative_outputs["end_penalty"]
         return LossOutput(
@@ -668,18 +684,16 @@ class VELOVAE(BaseModuleClass):
         and the repression steady state at ``t_max`` (the original puts it at 0, collapsing cells that
         finished repression onto the start of the trajectory).
         """
-        k, pi = generative_outputs["kinetics"], generative_outputs["px_pi"]
-        times = torch.stack(
-            [k["t_ind"], k["t_s"].expand_as(k["t_ind"]), k["t_rep"], torch.full_like(k["t_ind"], self.t_max)],
-            dim=-1,
-        )
-        return self._reduce_states(times, pi, statistic)
+        k = generative_outputs["kinetics"]
+        t_ind = k["t_ind"]
+        times = [t_ind, k["t_s"].expand_as(t_ind), k["t_rep"], torch.full_like(t_ind, self.t_max)]
+        return self._reduce_states(times, generative_outputs["pi_states"], statistic)
 
     def velocity(
         self, generative_outputs: dict, mode: str = "spliced", statistic: str = "mean"
     ) -> torch.Tensor:
         """Per cell-gene ``ds/dt`` (``mode='spliced'``) or ``du/dt``, expected over states or of the MAP state."""
-        k, pi = generative_outputs["kinetics"], generative_outputs["px_pi"]
+        k = generative_outputs["kinetics"]
         beta, gamma = k["beta"], k["gamma"]
         if mode == "spliced":
             v_ind = beta * k["u_ind"] - gamma * k["s_ind"]
@@ -687,20 +701,30 @@ class VELOVAE(BaseModuleClass):
         else:
             v_ind = k["alpha_t"] - beta * k["u_ind"]
             v_rep = -beta * k["u_rep"]
-        zero = torch.zeros_like(v_ind)
-        return self._reduce_states(torch.stack([v_ind, zero, v_rep, zero], dim=-1), pi, statistic)
+        return self._reduce_states([v_ind, None, v_rep, None], generative_outputs["pi_states"], statistic)
 
     def expression_fit(self, generative_outputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mixture means ``sum_k pi_k mu_k`` of spliced and unspliced."""
-        mean_u, mean_s = self.state_means(generative_outputs["kinetics"])
-        pi = generative_outputs["px_pi"]
-        return (pi * mean_s).sum(-1), (pi * mean_u).sum(-1)
+        """Mixture means ``sum_k pi_k mu_k`` of spliced and unspliced (the repression steady state is 0)."""
+        k, pi = generative_outputs["kinetics"], generative_outputs["pi_states"]
+        fit_s = self._reduce_states([k["s_ind"], k["s_steady"], k["s_rep"], None], pi, "mean")
+        fit_u = self._reduce_states([k["u_ind"], k["u_steady"], k["u_rep"], None], pi, "mean")
+        return fit_s, fit_u
 
     @staticmethod
-    def _reduce_states(values: torch.Tensor, pi: torch.Tensor, statistic: str) -> torch.Tensor:
+    def _reduce_states(values: list, pi: torch.Tensor, statistic: str) -> torch.Tensor:
+        """``sum_k pi_k v_k`` (``'mean'``) or ``v`` of the most probable state (``'max'``).
+
+        ``values`` holds the four states' values (broadcastable to ``pi[0]``; ``None`` for 0), ``pi`` is
+        ``(4, ...)`` (states first).
+        """
         if statistic == "mean":
-            return (values * pi).sum(-1)
-        return torch.gather(values, -1, pi.argmax(-1, keepdim=True)).squeeze(-1)
+            out = None
+            for p, v in zip(pi, values, strict=True):
+                if v is not None:
+                    out = p * v if out is None else out.addcmul(p, v)
+            return out
+        full = [torch.zeros_like(pi[0]) if v is None else v.expand_as(pi[0]) for v in values]
+        return torch.gather(torch.stack(full), 0, pi.argmax(0, keepdim=True)).squeeze(0)
 
     # ------------------------------------------------------------------ marginal likelihood and sampling
     @torch.inference_mode()
