@@ -467,16 +467,17 @@ def _reference_forward(module, labels, nn_x, nn_dist, keep, x):
     return pred, total.mean()
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
 @pytest.mark.parametrize("penalties", [False, True])
-def test_training_forward_and_gradients_equal_reference_formulation(penalties):
+def test_training_forward_and_gradients_equal_reference_formulation(penalties, dropout):
     """The training path (unique neighbour cells, (cell, type) pairs of the kernel network, keys and values
-    reassociated, per-type queries computed once) gives the loss and every parameter gradient of the plain
-    per-slot formulation."""
+    reassociated, per-type queries computed once, cells and pairs with every slot dropped left out) gives
+    the loss and every parameter gradient of the plain per-slot formulation with the same dropout mask."""
     from cellvi.amici._module import AMICIModule
 
     torch.manual_seed(0)
     C, G, B, K, N = 3, 12, 16, 6, 40
-    module = AMICIModule(G, C, torch.randn(C, G), neighbor_dropout=0.0, **TINY)
+    module = AMICIModule(G, C, torch.randn(C, G), neighbor_dropout=dropout, **TINY)
     with torch.no_grad():
         for p in module.parameters():
             p.add_(0.3 * torch.randn_like(p))  # no zero-initialised layer: every gradient is non-trivial
@@ -493,8 +494,17 @@ def test_training_forward_and_gradients_equal_reference_formulation(penalties):
     if penalties:  # (the value-L1 penalty makes training compute the per-cell keys and values)
         module.attention_penalty_coef, module.value_l1_penalty_coef = 0.1, 0.01
     module.train()
-    _, gen, out = module(batch)
+    torch.manual_seed(1)
+    inf, gen, out = module(batch)
     loss = out.loss
+    if dropout > 0:  # the same neighbour-dropout mask for the reference
+        torch.manual_seed(1)
+        dropout_keep = torch.rand(B, K) >= dropout
+        keep = keep & dropout_keep
+        n_read = len(torch.unique(inverse[dropout_keep]))
+        assert n_read < len(uniq)  # some neighbour cells have every slot dropped
+        # ... and are left out of the per-cell networks unless the value-L1 penalty reads them
+        assert inf["nn_embed"].shape[0] == (len(uniq) if penalties else n_read)
     grads = torch.autograd.grad(loss, list(module.parameters()), allow_unused=True)
     pred_ref, loss_ref = _reference_forward(module, labels, X[nn_idx], nn_dist, keep, batch["X"])
     grads_ref = torch.autograd.grad(loss_ref, list(module.parameters()), allow_unused=True)

@@ -27,6 +27,7 @@ class _AmiciKeys(NamedTuple):
     VALUES: str = "values"
     KV_HIDDEN: str = "kv_hidden"  # shared hidden layer of keys and values, (U, n_kv_dim)
     POS_HIDDEN: str = "pos_hidden"
+    DROPOUT_KEEP: str = "dropout_keep"  # (B, K) neighbour-dropout mask of a training step
     # generative outputs
     ATTENTION: str = "attention"
     ATTENTION_SCORES: str = "attention_scores"

@@ -93,6 +93,24 @@ class _MLP(nn.Module):
         return self.net(x)
 
 
+def _drop_unattended(
+    nn_x: torch.Tensor, nn_inverse: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``nn_x`` (U, G) that some kept slot of ``nn_inverse`` (B, K) reads, and the renumbered index.
+
+    Slots of removed rows (all of them dropped) point at row 0; nothing is removed when every row is read
+    or when no slot is kept.
+    """
+    used = torch.zeros(nn_x.shape[0], dtype=torch.bool, device=nn_x.device)
+    used[nn_inverse[keep]] = True
+    n_used = int(used.sum())
+    if n_used == nn_x.shape[0] or n_used == 0:
+        return nn_x, nn_inverse
+    rows = used.nonzero().squeeze(1)
+    renumber = used.long().cumsum(0) - 1
+    return nn_x.index_select(0, rows), renumber[nn_inverse].clamp_(min=0)
+
+
 class AMICIModule(BaseModuleClass):
     """Torch module of :class:`cellvi.AMICI` (see the module docstring for the equations and hooks).
 
@@ -246,13 +264,15 @@ class AMICIModule(BaseModuleClass):
             out[KEYS.VALUES] = self.value_proj(h).view(shape)
         return out
 
-    def _pair_terms(self, kv_hidden, pos_hidden, nn_inverse, labels, type_queries=None):
+    def _pair_terms(self, kv_hidden, pos_hidden, nn_inverse, labels, type_queries=None, dropout_keep=None):
         """Base scores and distance coefficients (B, H, K) from per-cell features gathered by ``nn_inverse``.
 
         ``q_c . k_j = (W_k^T q_c) . h_j + q_c . b_k``: the key projection is applied to the C type queries
         instead of the U neighbour cells. The distance coefficient depends only on the neighbour cell and the
         receiver's *type*, so its network runs once per unique (neighbour cell, receiver type) pair.
         ``type_queries``: the output of :meth:`type_queries` when already computed (else computed here).
+        ``dropout_keep`` (B, K): slots removed by neighbour dropout take the coefficient of a kept slot (they
+        are removed from the softmax), so pairs with no kept slot are not computed.
         """
         n_types, H, D = self.n_labels, self.n_heads, self.n_head_size
         q_types, e_types = self.type_queries() if type_queries is None else type_queries  # (C, H, D), (C, E)
@@ -262,6 +282,10 @@ class AMICIModule(BaseModuleClass):
         scores = torch.addmm(q_b, kv_hidden, q_kv.t()).view(-1, n_types, H) / math.sqrt(D)  # (U, C, H)
         base = scores[nn_inverse, labels[:, None]]  # (B, K, H)
         pair = nn_inverse * n_types + labels[:, None]
+        if dropout_keep is not None:
+            kept = pair[dropout_keep]
+            if kept.numel():
+                pair = torch.where(dropout_keep, pair, kept[:1])
         uniq, pair_inverse = torch.unique(pair, return_inverse=True)
         cell, ctype = uniq // n_types, uniq % n_types
         pos = pos_hidden.index_select(0, cell) + self.pos_label(e_types).index_select(0, ctype)
@@ -331,14 +355,26 @@ class AMICIModule(BaseModuleClass):
         ``nn_inverse`` (B, K) the row of ``nn_x`` for each (receiver, neighbour) slot. The keys and values
         (U, H, D) are part of the output in eval mode (for the hooks) and when the value-L1 penalty is on;
         training otherwise reads the neighbours through their key/value hidden layer only.
+
+        In training, the neighbour-dropout mask (B, K) is drawn here (output ``"dropout_keep"``, applied by
+        :meth:`generative`) and, unless the value-L1 penalty needs every slot's values, neighbour cells
+        whose slots are all dropped are left out of ``nn_x`` (about 5% of the rows at the default 0.1) and
+        ``nn_inverse`` is renumbered; their slots point at another row and carry no attention.
         """
         labels = labels.reshape(-1).long()
         q_types, e_types = self.type_queries()
+        keep = None
+        if self.training and self.neighbor_dropout > 0:
+            keep = torch.rand(nn_inverse.shape, device=nn_x.device) >= self.neighbor_dropout
+            if self.value_l1_penalty_coef <= 0:
+                nn_x, nn_inverse = _drop_unattended(nn_x, nn_inverse, keep)
         out = self.neighbor_features(nn_x, keys_values=not self.training or self.value_l1_penalty_coef > 0)
         out.update(
             {KEYS.QUERIES: q_types[labels], KEYS.LABEL_EMBED: e_types[labels], KEYS.NN_INVERSE: nn_inverse}
         )
         out.update({KEYS.TYPE_QUERIES: q_types, KEYS.TYPE_LABEL_EMBED: e_types})
+        if keep is not None:
+            out[KEYS.DROPOUT_KEEP] = keep
         return out
 
     def _get_generative_input(self, tensors: dict, inference_outputs: dict, **kwargs) -> dict:
@@ -356,6 +392,8 @@ class AMICIModule(BaseModuleClass):
                 inference_outputs[KEYS.TYPE_QUERIES],
                 inference_outputs[KEYS.TYPE_LABEL_EMBED],
             )
+        if KEYS.DROPOUT_KEEP in inference_outputs:
+            gen["dropout_keep"] = inference_outputs[KEYS.DROPOUT_KEEP]
         for key in ("neighbor_mask", "attention_scale"):
             if key in tensors:
                 gen[key] = tensors[key]
@@ -374,6 +412,7 @@ class AMICIModule(BaseModuleClass):
         neighbor_mask: torch.Tensor | None = None,
         attention_scale: torch.Tensor | None = None,
         type_queries: tuple[torch.Tensor, torch.Tensor] | None = None,
+        dropout_keep: torch.Tensor | None = None,
     ) -> dict:
         """Attention over the K neighbours plus the dummy key, and the predicted expression.
 
@@ -400,6 +439,9 @@ class AMICIModule(BaseModuleClass):
             ``(queries (C, H, D), label embeddings (C, n_label_embed))`` of every type, as returned by
             :meth:`type_queries`; :meth:`inference` passes its own so that the query network runs once per
             step (computed here when None).
+        dropout_keep
+            (B, K) bool neighbour-dropout mask drawn by :meth:`inference` (training only; drawn here when None).
+            The ``base_scores`` and ``distance_coef`` of dropped slots are then those of another slot.
 
         Returns
         -------
@@ -407,11 +449,13 @@ class AMICIModule(BaseModuleClass):
         ``distance_coef`` (B, H, K), ``head_residuals`` (B, H, G), ``residual`` and ``prediction`` (B, G).
         """
         labels = labels.reshape(-1).long()
-        base, coef = self._pair_terms(kv_hidden, pos_hidden, nn_inverse, labels, type_queries)
-        scores = base - coef * nn_dist[:, None, :].to(base.dtype) / self._unit_scale
         keep = None
         if self.training and self.neighbor_dropout > 0:
-            keep = torch.rand(scores.shape[0], scores.shape[2], device=scores.device) >= self.neighbor_dropout
+            keep = dropout_keep
+            if keep is None:
+                keep = torch.rand(nn_inverse.shape, device=kv_hidden.device) >= self.neighbor_dropout
+        base, coef = self._pair_terms(kv_hidden, pos_hidden, nn_inverse, labels, type_queries, keep)
+        scores = base - coef * nn_dist[:, None, :].to(base.dtype) / self._unit_scale
         if neighbor_mask is not None:
             nm = neighbor_mask.to(device=scores.device, dtype=torch.bool)
             keep = nm if keep is None else keep & nm
