@@ -269,6 +269,91 @@ def test_whiten_ridge_validated():
     assert FADVI(adata, whiten_ridge=0.1).module.whiten_ridge == 0.1
 
 
+@pytest.mark.parametrize("theta_shape", ["gene", "gene-cell"])
+def test_zinb_log_prob_closed_form_gradients_equal_autograd(theta_shape):
+    """The training likelihood (hand-written backward) equals scvi-tools' ZINB and the autograd reference."""
+    from scvi.distributions._negative_binomial import log_zinb_positive
+
+    from cellvi.fadvi._module import zinb_log_prob, zinb_log_prob_reference
+
+    g = torch.Generator().manual_seed(0)
+    n, n_genes = 40, 25
+    x = torch.poisson(torch.rand(n, n_genes, generator=g, dtype=torch.float64) * 6)
+    x[0, :5] = torch.tensor([0.0, 1.0, 250.0, 3000.0, 0.0], dtype=torch.float64)
+    assert (x == 0).any() and (x > 0).any()
+    shape = (n_genes,) if theta_shape == "gene" else (n, n_genes)
+    mu = (torch.rand(n, n_genes, generator=g, dtype=torch.float64) * 8 + 1e-3).requires_grad_()
+    theta = (torch.rand(*shape, generator=g, dtype=torch.float64) * 4 + 1e-2).requires_grad_()
+    zi = torch.randn(n, n_genes, generator=g, dtype=torch.float64).requires_grad_()
+    upstream = torch.randn(n, n_genes, generator=g, dtype=torch.float64)
+
+    new = zinb_log_prob(x, mu, theta, zi)
+    ref = zinb_log_prob_reference(x, mu, theta, zi)
+    torch.testing.assert_close(new, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        new, log_zinb_positive(x, mu, theta.expand(n, n_genes), zi), rtol=1e-10, atol=1e-10
+    )
+    grads_new = torch.autograd.grad(new, (mu, theta, zi), upstream)
+    grads_ref = torch.autograd.grad(ref, (mu, theta, zi), upstream)
+    for a, b in zip(grads_new, grads_ref, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda m, t, z: zinb_log_prob(x, m, t, z), (mu, theta, zi))
+    # float32, as trained: within float rounding of the reference
+    args32 = [t.detach().float().requires_grad_() for t in (mu, theta, zi)]
+    out32 = zinb_log_prob(x.float(), *args32)
+    torch.testing.assert_close(out32, zinb_log_prob_reference(x.float(), *args32), rtol=1e-5, atol=1e-4)
+    # counts are data: asking for their gradient is an error, not a silent zero
+    with pytest.raises(NotImplementedError, match="counts"):
+        zinb_log_prob(x.clone().requires_grad_(), mu, theta, zi).sum().backward()
+
+
+def test_head_direct_ops_equal_module_calls():
+    """_Head calls its layers' ops directly; same values and gradients as the modules (and functional_call)."""
+    from cellvi.fadvi._module import _Head
+
+    torch.manual_seed(0)
+    z = torch.randn(64, 9, requires_grad=True)
+    for dropout in (0.0, 0.2):
+        head = _Head(9, 4, 16, dropout)
+        for training in (False, True):
+            head.train(training)
+            torch.manual_seed(1)
+            fast = head(z)
+            torch.manual_seed(1)
+            slow = head.out(head.net(z))
+            torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+            # gradients of the parameters and of the input
+            upstream = torch.randn_like(fast)
+            torch.manual_seed(1)
+            g_fast = torch.autograd.grad(head(z), (z, *head.parameters()), upstream)
+            torch.manual_seed(1)
+            g_slow = torch.autograd.grad(head.out(head.net(z)), (z, *head.parameters()), upstream)
+            for a, b in zip(g_fast, g_slow, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # frozen: the adversaries' call, gradients reach z only
+    head = _Head(9, 4, 16, 0.0)
+    params = {name: p.detach() for name, p in head.named_parameters()}
+    ref = torch.func.functional_call(head, params, (z,))
+    out = head.frozen(z)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    upstream = torch.randn_like(out)
+    (g_z,) = torch.autograd.grad(out, z, upstream)
+    (g_ref,) = torch.autograd.grad(ref, z, upstream)
+    torch.testing.assert_close(g_z, g_ref, rtol=0, atol=0)
+    head.zero_grad()
+    head.frozen(z).sum().backward()
+    assert all(p.grad is None for p in head.parameters())
+    # the adversaries have no dropout layer; state-dict names unchanged
+    assert head.net.fc_layers[0][4] is None
+    assert set(head.state_dict()) == {
+        "net.fc_layers.Layer 0.0.weight",
+        "net.fc_layers.Layer 0.0.bias",
+        "out.weight",
+        "out.bias",
+    }
+
+
 # --------------------------------------------------------------- options
 @pytest.fixture(scope="module")
 def small():
