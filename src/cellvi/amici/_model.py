@@ -19,6 +19,7 @@ from scvi.model.base._base_model import _SETUP_ARGS_KEY
 from scvi.train import TrainRunner
 from scvi.utils import track
 
+from cellvi._base import RegistryMixin
 from cellvi._io import atomic_path
 from cellvi._training import EpochMetricsTrainingPlan
 from cellvi._validation import (
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PLAN_KWARGS = {"lr": 1e-3, "eps": 1e-8, "weight_decay": 1e-6}
 
 
-class AMICI(VAEMixin, BaseModelClass):
+class AMICI(RegistryMixin, VAEMixin, BaseModelClass):
     """Attention Mechanism Interpretation of Cell-cell Interactions (AMICI) on spatial transcriptomics.
 
     Each receiver cell's expression (log-normalised) is predicted as its cell type's mean profile plus a
