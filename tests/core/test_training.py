@@ -54,3 +54,37 @@ def test_second_train_call_trains_every_submodule_in_training_mode(make_model):
     assert np.all(history["kl_global_train"].to_numpy(float) == 0)
     parts = history["reconstruction_loss_train"].to_numpy(float) + history["kl_local_train"].to_numpy(float)
     np.testing.assert_allclose(history["elbo_train"].to_numpy(float).ravel(), parts.ravel(), rtol=1e-5)
+
+
+def test_epoch_history_gives_scvi_tools_tables():
+    import pandas as pd
+    import torch
+    from scvi.train._logger import SimpleExperiment
+
+    from cellvi._training import EpochHistory
+
+    logs = [
+        ({"a": torch.tensor(1.5), "b": 2.0, "epoch": 0}, None),
+        ({"a": torch.tensor(2.5), "b": 3.0, "epoch": 1}, None),
+        ({"c": torch.tensor(7.0), "epoch": 1}, None),
+        ({"a": torch.tensor(9.5), "epoch": 1}, None),  # same epoch again: the later value wins
+        ({"s": 4.0}, 12),  # no time key: the step argument
+    ]
+    ours, scvi_exp = EpochHistory(), SimpleExperiment()
+    for metrics, step in logs:
+        ours.log_metrics(dict(metrics), step)
+        scvi_exp.log_metrics(dict(metrics), step)
+    assert ours.data.keys() == scvi_exp.data.keys()
+    for key, theirs in scvi_exp.data.items():
+        pd.testing.assert_frame_equal(ours.data[key], theirs.astype("float64"))
+
+
+def test_training_history_is_recorded_by_epoch_history():
+    model = _velovi()
+    model.train(max_epochs=3, batch_size=64, enable_progress_bar=False)
+    from cellvi._training import EpochHistory
+
+    assert isinstance(model.trainer.logger.experiment, EpochHistory)
+    elbo = model.history["elbo_train"]
+    assert elbo.index.name == "epoch" and elbo.index.tolist() == [0, 1, 2]
+    assert elbo["elbo_train"].dtype == np.float64 and np.isfinite(elbo.to_numpy()).all()
