@@ -18,6 +18,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from scvi.module._constants import MODULE_KEYS
 from scvi.train import TrainRunner
 
+from cellvi._base import RegistryMixin
 from cellvi._validation import check_counts, check_layer, check_obs_key, check_positive_int, row_sums
 from cellvi.dataloaders import DATA_PATH_DOC, DataSplitter, make_data_loader
 
@@ -37,7 +38,7 @@ def _softplus_inverse(x: np.ndarray) -> np.ndarray:
     return np.where(x > 20, x, np.log(np.expm1(np.minimum(x, 20))))
 
 
-class VELOVI(VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class VELOVI(RegistryMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Velocity Variational Inference :cite:p:`GayosoWeiler23`.
 
     Each gene follows switching transcription kinetics (induction, its steady state, repression, its steady
