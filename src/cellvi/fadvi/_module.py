@@ -134,11 +134,12 @@ def _class_mean_spread(z: torch.Tensor, target: torch.Tensor, n_classes: int, ma
     return ((counts / z.shape[0]).unsqueeze(-1) * means.pow(2)).sum()
 
 
-def zinb_log_prob_reference(x, mu, theta, zi_logits, eps: float = 1e-8) -> torch.Tensor:
-    """ZINB log-likelihood per entry, equal to scvi-tools' ``log_zinb_positive``, by autograd ops.
+def zinb_log_prob(x, mu, theta, zi_logits, eps: float = 1e-8) -> torch.Tensor:
+    """ZINB log-likelihood per entry, equal to scvi-tools' ``log_zinb_positive``.
 
-    The reference formulation of :func:`zinb_log_prob` (the tests hold the two to the same values
-    and gradients).
+    Cheaper than the distribution object on the training path: no support validation (a
+    ``remainder`` over the whole minibatch), ``lgamma``/``log`` of a gene-wise ``theta`` taken once
+    per gene rather than per entry, and one ``where`` instead of two masked products.
     """
     log_theta_mu = torch.log(theta + mu + eps)
     pi_theta_log = -zi_logits + theta * (torch.log(theta + eps) - log_theta_mu)
@@ -152,78 +153,6 @@ def zinb_log_prob_reference(x, mu, theta, zi_logits, eps: float = 1e-8) -> torch
         - lgamma_x1
     )
     return torch.where(x > eps, non_zero, F.softplus(pi_theta_log)) - F.softplus(-zi_logits)
-
-
-class _ZINBLogProb(torch.autograd.Function):
-    """:func:`zinb_log_prob_reference` with a hand-written backward (no gradient for ``x``).
-
-    Autograd records ~20 elementwise nodes on ``(cells, genes)`` tensors for the formula and runs
-    ~30 kernels backwards; the derivatives in closed form take about a dozen, sharing ``1 / (theta
-    + mu)`` and ``sigmoid`` of the zero-branch logit::
-
-        p = theta (log theta - log(theta + mu)) - zi          (log-prob of a zero NB draw, minus zi)
-        ll = [x > 0] (p + x (log mu - log(theta + mu)) + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1))
-             + [x = 0] softplus(p) - softplus(-zi)
-        w = [x > 0] + [x = 0] sigmoid(p)                      (d ll / d p)
-        d/dmu    = -w theta / (theta + mu) + [x > 0] x (1 / mu - 1 / (theta + mu))
-        d/dtheta = w (log theta - log(theta + mu) + 1 - theta / (theta + mu))
-                   + [x > 0] (digamma(x + theta) - digamma(theta) - x / (theta + mu))
-        d/dzi    = -w + sigmoid(-zi)
-
-    (with the ``eps`` of the reference in every log and denominator). Gradients are summed back to
-    the shape of each input (``theta`` is ``(genes,)`` for ``dispersion='gene'``).
-    """
-
-    @staticmethod
-    def forward(ctx, x, mu, theta, zi_logits, eps):
-        tm = theta + mu + eps
-        log_tm = torch.log(tm)
-        log_theta = torch.log(theta + eps)
-        p = theta * (log_theta - log_tm) - zi_logits
-        nz = x > eps
-        xt = x + theta
-        non_zero = (
-            p
-            + x * (torch.log(mu + eps) - log_tm)
-            + (torch.lgamma(xt) - torch.lgamma(theta))
-            - torch.lgamma(x + 1)
-        )
-        out = torch.where(nz, non_zero, F.softplus(p)) - F.softplus(-zi_logits)
-        ctx.save_for_backward(x, mu, theta, zi_logits, tm, log_tm, log_theta, p, nz, xt)
-        ctx.eps = eps
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.needs_input_grad[0]:
-            raise NotImplementedError("zinb_log_prob has no gradient with respect to the counts x.")
-        x, mu, theta, zi_logits, tm, log_tm, log_theta, p, nz, xt = ctx.saved_tensors
-        eps = ctx.eps
-        r = tm.reciprocal()
-        nzf = nz.to(p.dtype)
-        w = torch.where(nz, nzf, torch.sigmoid(p))
-        g_mu = g_theta = g_zi = None
-        if ctx.needs_input_grad[1]:
-            g_mu = grad * (nzf * x * ((mu + eps).reciprocal() - r) - w * theta * r)
-            g_mu = g_mu.sum_to_size(mu.shape)
-        if ctx.needs_input_grad[2]:
-            dp = log_theta - log_tm + theta * ((theta + eps).reciprocal() - r)
-            g_theta = grad * (w * dp + nzf * (torch.digamma(xt) - torch.digamma(theta) - x * r))
-            g_theta = g_theta.sum_to_size(theta.shape)
-        if ctx.needs_input_grad[3]:
-            g_zi = (grad * (torch.sigmoid(-zi_logits) - w)).sum_to_size(zi_logits.shape)
-        return None, g_mu, g_theta, g_zi, None
-
-
-def zinb_log_prob(x, mu, theta, zi_logits, eps: float = 1e-8) -> torch.Tensor:
-    """ZINB log-likelihood per entry, equal to scvi-tools' ``log_zinb_positive``.
-
-    Cheaper than the distribution object on the training path: no support validation (a
-    ``remainder`` over the whole minibatch), ``log`` of a gene-wise ``theta`` taken once per gene
-    rather than per entry, one ``where`` instead of two masked products, and derivatives in closed
-    form (:class:`_ZINBLogProb`); no gradient reaches ``x``.
-    """
-    return _ZINBLogProb.apply(x, mu, theta, zi_logits, eps)
 
 
 def cross_covariance_penalty(zs: list[torch.Tensor]) -> torch.Tensor:
