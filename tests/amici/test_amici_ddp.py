@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,58 +10,18 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+# _ddp_launch lives in tests/, on the path through the root conftest
+from _ddp_launch import launch  # noqa: E402
 from _ddp_rank import train_amici  # noqa: E402
 
 PER_RANK_BATCH = 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_two_ranks_train_the_same_parameters_as_one_process(tmp_path):
     """2 ranks x minibatch 32 == 1 process x minibatch 64 with the same seed; ranks split every minibatch."""
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": "2",
-        "NODE_RANK": "0",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-    }
-    procs = []
-    for rank in range(2):
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(HERE / "_ddp_rank.py"),
-                    str(tmp_path / f"rank{rank}.pt"),
-                    str(PER_RANK_BATCH),
-                ],
-                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                cwd=tmp_path,  # Lightning's DDP logger writes ./lightning_logs
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{log[-3000:]}"
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = launch(HERE / "_ddp_rank.py", [str(PER_RANK_BATCH)], tmp_path, timeout=120)
     single = train_amici(batch_size=2 * PER_RANK_BATCH, datasplitter_kwargs={"seed": 0})
 
     train_idx = set(single["train_idx"].tolist())

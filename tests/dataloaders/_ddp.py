@@ -14,8 +14,6 @@ with ``{}`` is the single-process reference, so both sides train the same way.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -182,48 +180,11 @@ CASES = {"toy": case_toy, "semi": case_semi, "scar": case_scar, "fadvi": case_fa
 # -- launcher ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(cases: list[str], workdir: Path, world_size: int = 2, timeout: float = 300) -> list[dict]:
     """Run ``cases`` on ``world_size`` gloo ranks; return each rank's ``{case: result}``."""
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": str(world_size),
-        "NODE_RANK": "0",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-    }
-    procs = []
-    for rank in range(world_size):
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(HERE / "_ddp.py"), str(workdir / f"rank{rank}.pt"), *cases],
-                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                cwd=workdir,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-                q.wait()
-            raise
-    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        if p.returncode != 0:
-            raise RuntimeError(f"DDP rank {rank} failed (exit {p.returncode}):\n{log[-4000:]}")
-    return [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    from _ddp_launch import launch as launch_ranks  # tests/ is on the test process's path, not the ranks'
+
+    return launch_ranks(HERE / "_ddp.py", cases, workdir, world_size, timeout)
 
 
 def _main(out: str, cases: list[str]) -> None:
