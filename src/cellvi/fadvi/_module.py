@@ -60,11 +60,6 @@ class _Head(nn.Module):
         return self._run(z, frozen=True)
 
 
-def _frozen_call(head: _Head, z: torch.Tensor) -> torch.Tensor:
-    """Call ``head`` on ``z`` with its parameters detached: gradients reach ``z`` only."""
-    return head.frozen(z)
-
-
 def _masked_ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean cross-entropy over the cells in ``mask`` (0 when the mask is empty)."""
     if mask is not None:
@@ -691,7 +686,7 @@ class FADVAE(BaseModuleClass):
         ):
             head = self.heads[head_name]
             ce = _masked_ce(head(z.detach()), target, mask)
-            gap = _uniform_gap(_frozen_call(head, z), mask)
+            gap = _uniform_gap(head.frozen(z), mask)
             # plus the part of the leak no adversary can miss: differences between the class
             # means of the whitened block (what a linear probe exploits)
             gap = gap + spread[key]
@@ -708,7 +703,7 @@ class FADVAE(BaseModuleClass):
         for key, head_name, z in (("br", "adv_res_from_b", mb), ("lr", "adv_res_from_l", ml)):
             head = self.heads[head_name]
             mse = (head(z.detach()) - target_r).pow(2).mean()
-            pred = _frozen_call(head, z)
+            pred = head.frozen(z)
             spread = (
                 (pred - pred.mean(0, keepdim=True)).pow(2).mean() if pred.shape[0] > 1 else pred.sum() * 0.0
             )
