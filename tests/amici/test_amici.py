@@ -124,6 +124,22 @@ def test_sparse_and_dense_setup_give_identical_neighbors(tissue):
     torch.testing.assert_close(b1["nn_x_unique"][b1["nn_inverse"]], torch.as_tensor(dense.X)[b1["nn_idx"]])
 
 
+def test_setup_registers_obsm_arrays_quietly(tissue, caplog):
+    # scvi-tools logged "Generating sequential column names" once per obsm field and call
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="scvi"):
+        a = _setup(tissue.copy())
+        AMICI(a)
+    assert "sequential column names" not in caplog.text
+    manager = AMICI._get_most_recent_anndata_manager(a, required=True)
+    for key in ("coordinates", "nn_idx", "nn_dist"):
+        names = [v for k, v in manager.registry["field_registries"].items() if k.endswith(key)]
+        assert names, key
+        cols = names[0]["state_registry"]["column_names"]
+        np.testing.assert_array_equal(cols, np.arange(len(cols)))
+
+
 def test_cell_radius_gives_surface_distances(tissue):
     a = _setup(tissue.copy())
     b = _setup(tissue.copy(), cell_radius_key="cell_radius")

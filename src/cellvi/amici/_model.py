@@ -43,6 +43,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_PLAN_KWARGS = {"lr": 1e-3, "eps": 1e-8, "weight_decay": 1e-6}
 
 
+class _ArrayObsmField(ObsmField):
+    """``ObsmField`` for plain arrays: columns numbered 0..d-1 without an INFO line per field and call.
+
+    scvi-tools logs "Generating sequential column names" for each of AMICI's three obsm arrays on every
+    set-up and transfer (coordinates and neighbour tables have no column names to keep).
+    """
+
+    def _setup_column_names(self, adata):
+        data = self.get_field_data(adata)
+        if self.colnames_uns_key is None and not isinstance(data, pd.DataFrame):
+            return np.arange(data.shape[1])
+        return super()._setup_column_names(adata)
+
+
 class AMICI(RegistryMixin, VAEMixin, BaseModelClass):
     """Attention Mechanism Interpretation of Cell-cell Interactions (AMICI) on spatial transcriptomics.
 
@@ -224,9 +238,9 @@ class AMICI(RegistryMixin, VAEMixin, BaseModelClass):
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False),
             CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
-            ObsmField(KEYS.COORDS, coord_obsm_key),
-            ObsmField(KEYS.NN_IDX, nn_idx_key),
-            ObsmField(KEYS.NN_DIST, nn_dist_key),
+            _ArrayObsmField(KEYS.COORDS, coord_obsm_key),
+            _ArrayObsmField(KEYS.NN_IDX, nn_idx_key),
+            _ArrayObsmField(KEYS.NN_DIST, nn_dist_key),
         ]
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
