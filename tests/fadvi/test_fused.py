@@ -163,3 +163,28 @@ def test_fused_training_step_equals_separate_calls(n_lab, cat):
             # a bias feeding batch norm: zero in exact arithmetic, rounding noise here
             scale = float(g0[name[: -len("bias")] + "weight"].abs().max())
         torch.testing.assert_close(g1[name], g, rtol=1e-4, atol=1e-4 * scale, msg=name)
+
+
+def test_closed_form_kl_and_shared_one_hots_equal_the_reference():
+    from torch.distributions import Normal, kl_divergence
+
+    from cellvi.fadvi._module import _class_mean_spread, _group_whiten, _kl_unit_normal
+
+    gen = torch.Generator().manual_seed(0)
+    loc, scale = torch.randn(20, 5, generator=gen), torch.rand(20, 5, generator=gen) + 0.1
+    mean = torch.randn(20, 5, generator=gen)
+    torch.testing.assert_close(
+        _kl_unit_normal(loc, scale, mean), kl_divergence(Normal(loc, scale), Normal(mean, 1.0))
+    )
+    torch.testing.assert_close(
+        _kl_unit_normal(loc, scale), kl_divergence(Normal(loc, scale), Normal(0.0, 1.0))
+    )
+    group = torch.randint(0, 3, (20,), generator=gen)
+    target = torch.randint(0, 4, (20,), generator=gen)
+    mask = torch.rand(20, generator=gen) > 0.3
+    oh_g, oh_t = torch.nn.functional.one_hot(group, 3).float(), torch.nn.functional.one_hot(target, 4).float()
+    torch.testing.assert_close(_group_whiten(loc, group, 3, 1e-2, oh_g), _group_whiten(loc, group, 3, 1e-2))
+    for m in (None, mask):
+        torch.testing.assert_close(
+            _class_mean_spread(loc, target, 4, m, oh_t), _class_mean_spread(loc, target, 4, m)
+        )

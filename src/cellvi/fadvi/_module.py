@@ -82,6 +82,14 @@ def _uniform_gap(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (-F.log_softmax(logits, dim=-1).mean(-1)).mean() - math.log(logits.shape[-1])
 
 
+def _kl_unit_normal(loc: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """``KL(N(loc, scale) || N(mean, 1))`` per entry (``mean`` 0 when None): torch's Normal-Normal formula
+    with the unit scale divided out, without building (and validating) the distribution objects."""
+    var = scale.pow(2)
+    t1 = (loc if mean is None else loc - mean).pow(2)
+    return 0.5 * (var + t1 - 1 - var.log())
+
+
 def _standardise(z: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
     """Centre and scale every column over the minibatch (as a fresh probe would)."""
     if z.shape[0] < 2:
@@ -89,7 +97,13 @@ def _standardise(z: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
     return (z - z.mean(0, keepdim=True)) / z.std(0, keepdim=True).clamp(min=eps)
 
 
-def _group_whiten(z: torch.Tensor, group: torch.Tensor, n_groups: int, ridge: float = 1e-2) -> torch.Tensor:
+def _group_whiten(
+    z: torch.Tensor,
+    group: torch.Tensor,
+    n_groups: int,
+    ridge: float = 1e-2,
+    onehot: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Centre within each group (minibatch group means) and whiten by the pooled within-group covariance.
 
     ``z (L^T)^-1`` with ``L L^T`` the pooled within-group covariance plus ``ridge`` times its mean
@@ -105,7 +119,8 @@ def _group_whiten(z: torch.Tensor, group: torch.Tensor, n_groups: int, ridge: fl
     """
     if z.shape[0] < 2:
         return z - z.detach()
-    onehot = F.one_hot(group, max(1, n_groups)).to(z.dtype)
+    if onehot is None:
+        onehot = F.one_hot(group, max(1, n_groups)).to(z.dtype)
     counts = onehot.sum(0)
     zc = z - onehot @ ((onehot.T @ z) / counts.clamp(min=1).unsqueeze(-1))
     dof = max(1, z.shape[0] - int((counts > 0).sum()))
@@ -116,13 +131,24 @@ def _group_whiten(z: torch.Tensor, group: torch.Tensor, n_groups: int, ridge: fl
     return torch.linalg.solve_triangular(chol, zc.T, upper=False).T
 
 
-def _class_mean_spread(z: torch.Tensor, target: torch.Tensor, n_classes: int, mask: torch.Tensor | None):
-    """Between-class variance of a whitened block: ``sum_c w_c ||mean_c(z) - mean(z)||^2``."""
+def _class_mean_spread(
+    z: torch.Tensor,
+    target: torch.Tensor,
+    n_classes: int,
+    mask: torch.Tensor | None,
+    onehot: torch.Tensor | None = None,
+):
+    """Between-class variance of a whitened block: ``sum_c w_c ||mean_c(z) - mean(z)||^2``.
+
+    ``onehot``: ``one_hot(target, n_classes)`` in ``z``'s dtype, when the caller has it already.
+    """
     if mask is not None:
         z, target = z[mask], target[mask]
+        onehot = None if onehot is None else onehot[mask]
     if z.shape[0] < 2 or n_classes < 2:
         return z.sum() * 0.0
-    onehot = F.one_hot(target, n_classes).to(z.dtype)
+    if onehot is None:
+        onehot = F.one_hot(target, n_classes).to(z.dtype)
     counts = onehot.sum(0)
     zc = z - z.mean(0, keepdim=True)
     means = (onehot.T @ zc) / counts.clamp(min=1).unsqueeze(-1)
@@ -913,7 +939,7 @@ class FADVAE(BaseModuleClass):
 
         qb, ql_, qr = inference_outputs["qz_b"], inference_outputs["qz_l"], inference_outputs["qz_r"]
         zb, zl, zr = inference_outputs["z_b"], inference_outputs["z_l"], inference_outputs["z_r"]
-        kl_b = kl(qb, Normal(self.prior_mean_b.T[s], 1.0)).sum(-1)
+        kl_b = _kl_unit_normal(qb.loc, qb.scale, self.prior_mean_b.T[s]).sum(-1)
         # the supervised heads read posterior means, as predict() does: on samples, the unit prior
         # noise hides a label signal the KL keeps small and the heads may never start learning
         label_logits = self.heads["label"](ql_.loc)
@@ -926,7 +952,7 @@ class FADVAE(BaseModuleClass):
             resp = F.softmax(self.heads["label"](ql_.loc), dim=-1)
         resp = torch.where(labeled.unsqueeze(-1), F.one_hot(y_safe, max(1, self.n_labels)).float(), resp)
         kl_l = (resp * kl_l_all).sum(-1)
-        kl_r = kl(qr, Normal(0.0, 1.0)).sum(-1)
+        kl_r = _kl_unit_normal(qr.loc, qr.scale).sum(-1)
         kl_lib = torch.zeros_like(kl_r)
         if not self.use_observed_lib_size:
             kl_lib = kl(inference_outputs[MODULE_KEYS.QL_KEY], generative_outputs[MODULE_KEYS.PL_KEY]).sum(-1)
@@ -961,19 +987,26 @@ class FADVAE(BaseModuleClass):
         # labels stays allowed when batch and label are confounded.
         K, B = max(1, self.n_labels), self.n_batch
         y_all = torch.where(labeled, y_safe, resp.argmax(-1))
-        mb = _group_whiten(qb.loc, s, B, self.whiten_ridge)
-        ml = _group_whiten(ql_.loc, y_all, K, self.whiten_ridge)
-        mr = _group_whiten(qr.loc, torch.zeros_like(s), 1, self.whiten_ridge)
+        # the one-hots of the groups, built once per step
+        dt = qb.loc.dtype
+        oh_s, oh_y = F.one_hot(s, B).to(dt), F.one_hot(y_all, K).to(dt)
+        mb = _group_whiten(qb.loc, s, B, self.whiten_ridge, oh_s)
+        ml = _group_whiten(ql_.loc, y_all, K, self.whiten_ridge, oh_y)
+        mr = _group_whiten(qr.loc, torch.zeros_like(s), 1, self.whiten_ridge, torch.ones_like(oh_s[:, :1]))
         # linear leakage is measured within each (label, batch) cell of the table: z_l must not
         # differ between batches within a label, nor z_b between labels within a batch
         joint = y_all * B + s
+        oh_joint = F.one_hot(joint, K * B).to(dt)
+        # y_safe equals y_all on the labelled cells (the only ones the "rl" term reads)
         spread = {
             # between (label, batch) cells minus between batches = labels within batches
-            "bl": _class_mean_spread(mb, joint, K * B, None) - _class_mean_spread(mb, s, B, None),
+            "bl": _class_mean_spread(mb, joint, K * B, None, oh_joint)
+            - _class_mean_spread(mb, s, B, None, oh_s),
             # between (label, batch) cells minus between labels = batches within labels
-            "lb": _class_mean_spread(ml, joint, K * B, None) - _class_mean_spread(ml, y_all, K, None),
-            "rb": _class_mean_spread(mr, s, B, None),
-            "rl": _class_mean_spread(mr, y_safe, K, labeled),
+            "lb": _class_mean_spread(ml, joint, K * B, None, oh_joint)
+            - _class_mean_spread(ml, y_all, K, None, oh_y),
+            "rb": _class_mean_spread(mr, s, B, None, oh_s),
+            "rl": _class_mean_spread(mr, y_safe, K, labeled, oh_y),
         }
         for key, head_name, z, target, mask, n_class in (
             ("bl", "adv_label_from_b", mb, y_safe, labeled, K),
