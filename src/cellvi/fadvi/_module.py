@@ -18,6 +18,42 @@ from torch.distributions import kl_divergence as kl
 from ._constants import BLOCKS
 
 
+class _DualHead(torch.autograd.Function):
+    """A head (Linear, LayerNorm without affine, ReLU, Linear) computed once, with two outputs of the same
+    value: gradients of the first reach the parameters only (``head(z.detach())``), those of the second
+    ``z`` only (``head.frozen(z)``). Backward: both upstream gradients through the output layer in one
+    matmul, the ReLU mask, the layer-norm backward ``rstd (g - mean(g) - y mean(g y))``, then the
+    parameter gradients from the first and the input gradient from the second.
+    """
+
+    @staticmethod
+    def forward(ctx, z, w1, b1, w2, b2, eps):
+        a = F.linear(z, w1, b1)
+        y, _, rstd = torch.native_layer_norm(a, (a.shape[-1],), None, None, eps)
+        h = F.relu(y)
+        out = F.linear(h, w2, b2)
+        ctx.save_for_backward(z, w1, w2, y, h, rstd)
+        return out, out.clone()
+
+    @staticmethod
+    def backward(ctx, g_params, g_input):
+        z, w1, w2, y, h, rstd = ctx.saved_tensors
+        n = z.shape[0]
+        if g_params is None:
+            g_params = torch.zeros_like(h[:, : w2.shape[0]])
+        if g_input is None:
+            g_input = torch.zeros_like(g_params)
+        g_w2 = g_params.T @ h
+        g_b2 = g_params.sum(0)
+        gh = torch.cat([g_params, g_input]) @ w2  # (2n, H)
+        gy = gh.view(2, n, -1).mul_(h > 0)
+        ga = (gy - gy.mean(-1, keepdim=True) - y * (gy * y).mean(-1, keepdim=True)).mul_(rstd)
+        g_w1 = ga[0].T @ z
+        g_b1 = ga[0].sum(0)
+        g_z = ga[1] @ w1 if ctx.needs_input_grad[0] else None
+        return g_z, g_w1, g_b1, g_w2, g_b2, None
+
+
 class _Head(nn.Module):
     """Classifier head: one hidden layer (LayerNorm, ReLU, dropout), then logits.
 
@@ -58,6 +94,13 @@ class _Head(nn.Module):
     def frozen(self, z: torch.Tensor) -> torch.Tensor:
         """The head on ``z`` with its parameters detached: gradients reach ``z`` only."""
         return self._run(z, frozen=True)
+
+    def dual(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(z.detach()), self.frozen(z))``, computed once (:class:`_DualHead`; no dropout)."""
+        lin, _, norm, _, drop = self.net.fc_layers[0]
+        if drop is not None and drop.p > 0 and drop.training:
+            return self(z.detach()), self.frozen(z)
+        return _DualHead.apply(z, lin.weight, lin.bias, self.out.weight, self.out.bias, norm.eps)
 
 
 def _masked_ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -1015,8 +1058,9 @@ class FADVAE(BaseModuleClass):
             ("rl", "adv_label_from_r", mr, y_safe, labeled, K),
         ):
             head = self.heads[head_name]
-            ce = _masked_ce(head(z.detach()), target, mask)
-            gap = _uniform_gap(head.frozen(z), mask)
+            logits_p, logits_z = head.dual(z)
+            ce = _masked_ce(logits_p, target, mask)
+            gap = _uniform_gap(logits_z, mask)
             # plus the part of the leak no adversary can miss: differences between the class
             # means of the whitened block (what a linear probe exploits)
             gap = gap + spread[key]
@@ -1032,8 +1076,8 @@ class FADVAE(BaseModuleClass):
         target_r = _standardise(qr.loc).detach()
         for key, head_name, z in (("br", "adv_res_from_b", mb), ("lr", "adv_res_from_l", ml)):
             head = self.heads[head_name]
-            mse = (head(z.detach()) - target_r).pow(2).mean()
-            pred = head.frozen(z)
+            pred_p, pred = head.dual(z)
+            mse = (pred_p - target_r).pow(2).mean()
             spread = (
                 (pred - pred.mean(0, keepdim=True)).pow(2).mean() if pred.shape[0] > 1 else pred.sum() * 0.0
             )
