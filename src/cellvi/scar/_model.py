@@ -32,6 +32,7 @@ from cellvi.dataloaders import DataPathMixin, make_data_loader
 from . import _assign, _profile
 from ._fields import LogBinomialConstantField
 from ._module import SCARModule
+from ._removal import ambient_counts_to_remove
 from ._training import SCARTrainingPlan
 
 if TYPE_CHECKING:
@@ -358,6 +359,36 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
             layer=layer,
         )
 
+    # -- training --------------------------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        out = super().train(*args, **kwargs)
+        self.module.training_contamination.fill_(self._contamination_of(self.adata))
+        return out
+
+    train.__doc__ = UnsupervisedTrainingMixin.train.__doc__
+
+    def _contamination_of(self, adata: AnnData | None) -> float:
+        """Fraction of the counts of ``adata`` that the model calls ambient: ``sum_c rho_c n_c / sum_c n_c``."""
+        num = den = 0.0
+        for tensors, px in self._decode(adata, None, None, give_mean=True):
+            n = tensors[REGISTRY_KEYS.X_KEY].sum(-1, dtype=torch.float64)
+            num += float((px.noise_ratio[..., 0].double() * n).sum())
+            den += float(n.sum())
+        return num / den if den > 0 else 0.0
+
+    def _removal_threshold(self, threshold) -> float:
+        if isinstance(threshold, str):
+            if threshold != "balanced":
+                raise ValueError(f"threshold must be 'balanced' or a number in (0, 1), got {threshold!r}.")
+            value = float(self.module.training_contamination)
+            if np.isnan(value):  # a model saved before this was recorded: compute it once
+                value = self._contamination_of(self.adata)
+                self.module.training_contamination.fill_(value)
+            return min(max(value, 1e-6), 1 - 1e-6)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+            raise ValueError(f"threshold must be 'balanced' or a number in (0, 1), got {threshold!r}.")
+        return float(threshold)
+
     # -- decoding helper -------------------------------------------------------------------------
     def _decode(
         self,
@@ -410,17 +441,27 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
         *,
         indices: Sequence[int] | None = None,
         method: Literal["posterior", "resynthesis"] = "posterior",
+        threshold: float | Literal["balanced"] = "balanced",
         clip_to_obs: bool = True,
     ) -> sparse.csr_matrix:
         r"""Generate observation samples from the posterior predictive distribution.
 
         The posterior predictive distribution is written as :math:`p(\hat{x} \mid x)`; here it is the
-        native part of the counts. With ``method="posterior"`` (default) each observed count is split
-        between native and ambient: the denoised count is the stochastic rounding of the posterior
-        mean of the native part, ``x_cg w_cg`` with ``w_cg = (1 - rho_c) f_cg / p_cg`` (exact under the
-        Binomial and Poisson mixtures), so denoised counts never exceed the observed ones. With
-        ``method="resynthesis"`` (the original scAR) the counts are the stochastic rounding of
-        ``N_c (1 - rho_c) f_c``; they can exceed the observed counts unless ``clip_to_obs``.
+        native part of the counts. With ``method="posterior"`` (default) the ambient counts are removed
+        from the observed ones: each of the ``x_cg`` counts is ambient with probability
+        ``q_cg = rho_c a_g / p_cg``, so the number ``A`` of ambient counts among them is
+        ``Binomial(x_cg, q_cg)`` (exact under the Binomial and Poisson mixtures, an approximation under
+        NB/ZINB), and the denoised count is ``x_cg - r`` with ``r`` the largest number such that
+        ``P(A >= r | x_cg) >= threshold``. It never exceeds the observed count and needs no random
+        rounding. With ``method="resynthesis"`` (the original scAR) the counts are the stochastic
+        rounding of ``N_c (1 - rho_c) f_c``; they can exceed the observed counts unless ``clip_to_obs``.
+
+        ``threshold`` trades ambient counts left in against native counts removed: removing one more
+        count of an entry is worth it when the chance that it is ambient is at least ``threshold``.
+        ``0.5`` gives the posterior median (fewest counts wrong, closest to the native counts);
+        ``"balanced"`` (default) uses the fraction of the training counts the model calls ambient,
+        which weighs the fraction of ambient counts left in and the fraction of native counts removed
+        equally (the threshold that maximises their difference, Youden's index).
 
         Parameters
         ----------
@@ -435,6 +476,9 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
             Indices of cells in adata to use. If None, all cells are used.
         method
             ``"posterior"`` (remove ambient counts from the observed ones) or ``"resynthesis"``.
+        threshold
+            ``"balanced"`` or a number in (0, 1): remove a count when the posterior probability that
+            it is ambient is at least this (only ``"posterior"``); lower removes more.
         clip_to_obs
             Clip the denoised counts to the observed counts (only changes ``"resynthesis"``; the
             posterior never exceeds them). Clipping re-synthesised counts inflates the removal.
@@ -445,18 +489,19 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
         """
         if method not in ("posterior", "resynthesis"):
             raise ValueError(f"method must be 'posterior' or 'resynthesis', got {method!r}.")
+        tau = self._removal_threshold(threshold)
         blocks = []
         for tensors, px in self._decode(adata, indices, batch_size, n_samples=n_samples):
             x = tensors[REGISTRY_KEYS.X_KEY]
-            native_mean = (1 - px.noise_ratio) * px.scale
             if method == "posterior":
-                mean = x * (native_mean / px.probs.clamp_min(1e-12)).clamp(0, 1)
+                q = px.noise_ratio * px.ambient / px.probs.clamp_min(1e-12)
+                counts = x - ambient_counts_to_remove(x.expand_as(q), q, tau)
             else:
-                mean = x.sum(-1, keepdim=True) * native_mean
-            base = torch.floor(mean)
-            counts = base + torch.bernoulli(mean - base)  # stochastic rounding
-            if clip_to_obs or method == "posterior":
-                counts = torch.minimum(counts, x)
+                mean = x.sum(-1, keepdim=True) * (1 - px.noise_ratio) * px.scale
+                base = torch.floor(mean)
+                counts = base + torch.bernoulli(mean - base)  # stochastic rounding
+                if clip_to_obs:
+                    counts = torch.minimum(counts, x)
             if n_samples > 1:
                 counts = counts.median(0).values
             blocks.append(sparse.csr_matrix(counts.cpu().numpy().astype(np.int32)))
