@@ -490,26 +490,30 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
         if method not in ("posterior", "resynthesis"):
             raise ValueError(f"method must be 'posterior' or 'resynthesis', got {method!r}.")
         tau = self._removal_threshold(threshold)
-        blocks = []
+        parts = []  # (values, column indices, non-zeros per row) of each minibatch: one CSR at the end
         for tensors, px in self._decode(adata, indices, batch_size, n_samples=n_samples):
             x = tensors[REGISTRY_KEYS.X_KEY]
-            if method == "posterior":
-                q = px.noise_ratio * px.ambient / px.probs.clamp_min(1e-12)
-                counts = x - ambient_counts_to_remove(x.expand_as(q), q, tau)
-            else:
-                mean = x.sum(-1, keepdim=True) * (1 - px.noise_ratio) * px.scale
-                base = torch.floor(mean)
-                counts = base + torch.bernoulli(mean - base)  # stochastic rounding
-                if clip_to_obs:
-                    counts = torch.minimum(counts, x)
+            if method == "posterior":  # only the observed non-zeros can lose counts
+                flat_np = np.flatnonzero(x.cpu().numpy())
+                flat = torch.from_numpy(flat_np).to(x.device)
+                amb = px.noise_ratio * px.ambient  # q = rho a / ((1 - rho) f + rho a)
+                q = amb.div_(torch.addcmul(amb, 1 - px.noise_ratio, px.scale).clamp_min_(1e-12))
+                q = q.reshape(*q.shape[:-2], -1).index_select(-1, flat)
+                x_nz = x.reshape(-1).index_select(0, flat)
+                kept = x_nz - ambient_counts_to_remove(x_nz.expand_as(q), q, tau)
+                if n_samples > 1:
+                    kept = kept.median(0).values
+                parts.append(_nonzeros_at(kept.cpu().numpy(), flat_np, x.shape))
+                continue
+            mean = x.sum(-1, keepdim=True) * (1 - px.noise_ratio) * px.scale
+            base = torch.floor(mean)
+            counts = base + torch.bernoulli(mean - base)  # stochastic rounding
+            if clip_to_obs:
+                counts = torch.minimum(counts, x)
             if n_samples > 1:
                 counts = counts.median(0).values
-            blocks.append(sparse.csr_matrix(counts.cpu().numpy().astype(np.int32)))
-        return (
-            sparse.vstack(blocks, format="csr")
-            if blocks
-            else sparse.csr_matrix((0, self.summary_stats.n_vars))
-        )
+            parts.append(_nonzeros(counts.cpu().numpy()))
+        return _csr_from_parts(parts, self.summary_stats.n_vars)
 
     def get_contamination_fraction(
         self,
@@ -995,3 +999,27 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
         )
         w = np.asarray(w, dtype=np.float64)
         return w / w.sum()
+
+
+def _nonzeros(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Values (int32), column indices (int32) and per-row counts of the non-zeros of a dense 2-D array."""
+    flat = np.flatnonzero(a)
+    rows, cols = np.divmod(flat, a.shape[1])
+    return a.ravel()[flat].astype(np.int32), cols.astype(np.int32), np.bincount(rows, minlength=a.shape[0])
+
+
+def _nonzeros_at(values: np.ndarray, flat: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_nonzeros` of a dense array of ``shape`` holding ``values`` at the flat positions ``flat``."""
+    keep = values != 0
+    rows, cols = np.divmod(flat[keep], shape[1])
+    return values[keep].astype(np.int32), cols.astype(np.int32), np.bincount(rows, minlength=shape[0])
+
+
+def _csr_from_parts(parts, n_cols: int) -> sparse.csr_matrix:
+    """Stack the row blocks of :func:`_nonzeros` into one CSR matrix (no per-block sparse matrices)."""
+    if not parts:
+        return sparse.csr_matrix((0, n_cols), dtype=np.int32)
+    data, indices, per_row = (np.concatenate(p) for p in zip(*parts, strict=True))
+    indptr = np.zeros(per_row.size + 1, dtype=np.int64)
+    np.cumsum(per_row, out=indptr[1:])
+    return sparse.csr_matrix((data, indices, indptr), shape=(per_row.size, n_cols))

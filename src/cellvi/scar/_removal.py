@@ -73,12 +73,13 @@ def ambient_counts_to_remove(x: torch.Tensor, q: torch.Tensor, threshold: float)
     z = NormalDist().inv_cdf(1 - float(threshold))
     q = q.expand_as(x).clamp(0, 1)
     if lookup_np is not None:  # dense, in place where it can (x = 0 gives 0)
-        lookup = torch.as_tensor(lookup_np, device=x.device)
+        lookup = torch.as_tensor(lookup_np, device=x.device).reshape(-1)
         xc = x.clamp(max=_MAX_EXACT)
         pos = (q * _BINS).floor_().clamp_(max=_BINS - 1).add_(xc, alpha=_BINS)
-        out = torch.take(lookup, pos.long())
+        # index_select of the flattened tables: a few times faster than torch.take on CPU
+        out = lookup.index_select(0, pos.long().reshape(-1)).reshape(x.shape)
         pos = xc.mul_(width).add_(out).add_(1)
-        out += q >= torch.take(flat, pos.long())
+        out += q >= flat.index_select(0, pos.long().reshape(-1)).reshape(x.shape)
         out = out.to(x.dtype)
         rest = x > _MAX_EXACT
     else:
