@@ -461,7 +461,13 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
         ``0.5`` gives the posterior median (fewest counts wrong, closest to the native counts);
         ``"balanced"`` (default) uses the fraction of the training counts the model calls ambient,
         which weighs the fraction of ambient counts left in and the fraction of native counts removed
-        equally (the threshold that maximises their difference, Youden's index).
+        equally (the threshold that maximises their difference, Youden's index). On the data of
+        ``benchmarks/scar.py`` (``simulate_ambient``, 2000 cells x 2000 genes, 15% contamination, 100
+        epochs; ``--seed 0`` and ``--seed 1``) ``"balanced"`` (thresholds 0.184 and 0.203) removed
+        88-89% of the ambient counts and 17% of the native ones (RMSE to the native counts 0.51,
+        per-cell log1p correlation 0.95); ``0.5`` removed 68-72% and 6% (RMSE 0.39-0.40, correlation
+        0.96). The rounded posterior mean used before removed 72% and 9% (RMSE 0.43, seed 0);
+        ``scvi.external.SCAR`` removes 80% and 32-33% (RMSE 1.61-1.71).
 
         Parameters
         ----------

@@ -137,7 +137,9 @@ class SCARModule(BaseModuleClass):
         over-estimated (0.24-0.29 vs 0.15), weakly ranked (correlation with the truth 0.25-0.41), 14-19%
         of the native counts removed and the denoised counts further from the truth than the observed
         ones (RMSE 3.7-3.9 vs 1.7-2.0); started at 0.1 the same runs reach a better ELBO with correlation
-        0.92-0.94, 7% native removed and RMSE 0.77-0.78. It also helps at 5% and 30% contamination.
+        0.92-0.94, 7% native removed and RMSE 0.77-0.78 (denoised counts of that time: the stochastic
+        rounding of the posterior mean, see ``get_denoised_counts``). It also helps at 5% and 30%
+        contamination.
     """
 
     def __init__(
