@@ -144,3 +144,24 @@ def test_induction_repression_draws_have_the_dirichlet_law(conc):
         assert abs(p.mean().item() - ai / a0) < 5 * sd
     cov = ((p0 - p0.mean()) * (p2 - p2.mean())).mean().item()
     assert cov == pytest.approx(-conc[0] * conc[2] / (a0 * a0 * (a0 + 1)), rel=0.1)
+
+
+@pytest.mark.parametrize("linear_decoder", [False, True])
+def test_decoder_in_eval_folds_batch_norm_without_changing_outputs(linear_decoder):
+    from cellvi.velovi._module import DecoderVELOVI
+
+    torch.manual_seed(6)
+    dec = DecoderVELOVI(6, 9, n_hidden=32, linear_decoder=linear_decoder)
+    for m in dec.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.2, 3.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    dec.eval()
+    z = torch.randn(3, 40, 6)
+    reference = dec(z)  # autograd enabled: scvi-tools' FCLayers forward, batch norm as its own op
+    with torch.inference_mode():
+        folded = dec(z)
+    for a, b in zip(folded, reference, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)

@@ -251,6 +251,31 @@ def _flat_apply(fn, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*lead, out.shape[-1])
 
 
+def _fc_forward(fc: FCLayers, x: torch.Tensor) -> torch.Tensor:
+    """``fc(x)`` for 2-D ``x`` without covariates; in eval mode without autograd, each ``Linear`` followed
+    by ``BatchNorm1d`` runs as one affine map (running statistics folded into the weights: the same
+    function to float rounding, one pass over the ``(cells, n_hidden)`` activations fewer)."""
+    if fc.training or torch.is_grad_enabled() or any(n > 1 for n in fc.n_cat_list):
+        return fc(x)
+    for layers in fc.fc_layers:
+        linear, bn, *rest = layers
+        if isinstance(bn, nn.BatchNorm1d) and bn.running_var is not None and isinstance(linear, nn.Linear):
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            shift = -bn.running_mean * scale
+            if bn.affine:
+                scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+            bias = shift if linear.bias is None else torch.addcmul(shift, linear.bias, scale)
+            x = F.linear(x, linear.weight * scale.unsqueeze(1), bias)
+        else:
+            x = linear(x)
+            if bn is not None:
+                x = bn(x)
+        for layer in rest:
+            if layer is not None:
+                x = layer(x)
+    return x
+
+
 class _MaskDropout(nn.Dropout):
     """:class:`torch.nn.Dropout` with the mask drawn by one ``rand`` and a compare.
 
@@ -362,16 +387,22 @@ class DecoderVELOVI(nn.Module):
             mask = torch.zeros_like(z)
             mask[..., latent_dim] = 1
             z_rho = z * mask
-        rho_first = _flat_apply(self.rho_first_decoder, z_rho)
+        rho_first = _flat_apply(lambda x: _fc_forward(self.rho_first_decoder, x), z_rho)
         if self.linear_decoder:
             px_rho = torch.sigmoid(rho_first)
             px_tau = 1 - torch.sigmoid(
                 rho_first * self.linear_scaling_tau.exp() + self.linear_scaling_tau_intercept
             )
+        elif not self.training and not torch.is_grad_enabled():
+            # inference: the rho and tau heads as one matrix product and one sigmoid (the same outputs)
+            weight = torch.cat([self.px_rho_decoder.weight, self.px_tau_decoder.weight])
+            bias = torch.cat([self.px_rho_decoder.bias, self.px_tau_decoder.bias])
+            rho_tau = torch.sigmoid(F.linear(rho_first, weight, bias))
+            px_rho, px_tau = rho_tau[..., : self.n_output], rho_tau[..., self.n_output :]
         else:
             px_rho = torch.sigmoid(self.px_rho_decoder(rho_first))
             px_tau = torch.sigmoid(self.px_tau_decoder(rho_first))
-        pi_first = _flat_apply(self.pi_first_decoder, z)
+        pi_first = _flat_apply(lambda x: _fc_forward(self.pi_first_decoder, x), z)
         px_pi = F.softplus(self.px_pi_decoder(pi_first))
         px_pi = px_pi.reshape(*px_pi.shape[:-1], self.n_output, 4)
         return px_pi, px_rho, px_tau
