@@ -72,7 +72,10 @@ class EpochMetricsTrainingPlan(TrainingPlan):
     ``kl_global_train``, every 0-d extra metric of the loss as ``<key>_train``, and, when the loss
     carries a classification term, ``classification_loss_train`` and ``accuracy_train`` on the
     labeled cells; the ``validation`` counterparts; and ``kl_weight``. ``model.history``, early
-    stopping and the progress bar work as with scvi-tools' plan. Losses, optimisers, KL warm-up and
+    stopping and the progress bar work as with scvi-tools' plan. The epoch values are handed to
+    Lightning directly (:meth:`_publish`: ``trainer.callback_metrics``, ``logged_metrics``,
+    ``progress_bar_metrics`` and the loggers) instead of through ``self.log``, which costs about 1 ms
+    per metric on a CPU; under DDP the per-process sums are added up first (exact epoch means). Losses, optimisers, KL warm-up and
     learning-rate schedulers are scvi-tools'.
 
     Two further differences, neither of which changes what is optimised:
@@ -154,16 +157,20 @@ class EpochMetricsTrainingPlan(TrainingPlan):
         else:
             self._sums[mode] = prev + values
 
-    def _log_epoch(self, mode: str) -> None:
+    def _log_epoch(self, mode: str, extra: dict[str, float] | None = None) -> None:
         sums = self._sums[mode]
         self._sums[mode] = None
         if sums is None:
             return
+        if self.use_sync_dist:  # add up the sums of all processes (exact epoch means over all cells)
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         loss, rec, kl_local, kl_global, n_obs, n_steps, ce, correct, n_lab = sums[: len(_SLOTS)]
         kl_global = kl_global / n_steps
         n_total = self.n_obs_training if mode == "train" else self.n_obs_validation
         n_total = 1 if not n_total or n_total < 1 else n_total
+        name = "train_loss" if mode == "train" else "validation_loss"
         metrics = {
+            name: loss / n_obs,
             f"elbo_{mode}": (rec + kl_local) / n_obs + kl_global / n_total,
             f"reconstruction_loss_{mode}": rec / n_obs,
             f"kl_local_{mode}": kl_local / n_obs,
@@ -174,10 +181,33 @@ class EpochMetricsTrainingPlan(TrainingPlan):
         if float(n_lab) > 0:
             metrics[f"classification_loss_{mode}"] = ce / n_lab
             metrics[f"accuracy_{mode}"] = correct / n_lab
-        kw = {"on_step": False, "on_epoch": True, "sync_dist": self.use_sync_dist}
-        name = "train_loss" if mode == "train" else "validation_loss"
-        self.log(name, loss / n_obs, prog_bar=mode == "train", **kw)
-        self.log_dict(metrics, **kw)
+        if extra:
+            metrics.update({k: torch.tensor(float(v)) for k, v in extra.items()})
+        self._publish(metrics, prog_bar=(name,) if mode == "train" else ())
+
+    def _publish(self, metrics: dict[str, torch.Tensor], prog_bar: tuple[str, ...] = ()) -> None:
+        """Hand epoch metrics to Lightning where ``self.log(..., on_epoch=True)`` puts them at the end of an
+        epoch: ``trainer.callback_metrics`` (early stopping, checkpoints, learning-rate schedulers),
+        ``trainer.logged_metrics``, ``trainer.progress_bar_metrics`` (the names in ``prog_bar``) and every
+        logger, as one row with the epoch number.
+
+        ``self.log`` costs about 1 ms per metric and call on a CPU (Lightning re-wraps its stored result
+        object on every call), ~10 ms per epoch for a dozen metrics: as much as a training step of a small
+        model. The values are the same; processes are already synchronised by the caller.
+        """
+        trainer = self.trainer
+        values = {k: v.detach() for k, v in metrics.items()}
+        trainer.callback_metrics.update(values)
+        trainer.logged_metrics.update(values)
+        trainer.progress_bar_metrics.update({k: float(values[k]) for k in prog_bar})
+        if not self.loggers:
+            return
+        row = {k: float(v) for k, v in values.items()}
+        row["epoch"] = trainer.current_epoch
+        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", self.global_step)
+        for logger in self.loggers:
+            logger.log_metrics(dict(row), step=step)
+            logger.save()
 
     def training_step(self, batch, batch_idx):
         """Forward, loss, accumulate the metrics (logged at the end of the epoch)."""
@@ -194,9 +224,8 @@ class EpochMetricsTrainingPlan(TrainingPlan):
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch's training metrics and the KL weight reached."""
-        if "kl_weight" in self.loss_kwargs:
-            self.log("kl_weight", float(self.loss_kwargs["kl_weight"]), on_step=False, on_epoch=True)
-        self._log_epoch("train")
+        extra = {"kl_weight": self.loss_kwargs["kl_weight"]} if "kl_weight" in self.loss_kwargs else None
+        self._log_epoch("train", extra)
         super().on_train_epoch_end()
 
     def on_validation_epoch_end(self) -> None:

@@ -88,3 +88,19 @@ def test_training_history_is_recorded_by_epoch_history():
     elbo = model.history["elbo_train"]
     assert elbo.index.name == "epoch" and elbo.index.tolist() == [0, 1, 2]
     assert elbo["elbo_train"].dtype == np.float64 and np.isfinite(elbo.to_numpy()).all()
+
+
+def test_epoch_metrics_reach_callbacks_progress_bar_and_loggers():
+    # the plan hands its epoch values to Lightning directly (not through self.log): early stopping,
+    # checkpoints and schedulers read trainer.callback_metrics, the bar reads progress_bar_metrics
+    model = _velovi()
+    model.train(max_epochs=3, batch_size=64, enable_progress_bar=False, early_stopping=True)
+    trainer, history = model.trainer, model.history
+    for key in ("elbo_validation", "elbo_train", "train_loss", "validation_loss", "kl_weight"):
+        assert key in trainer.callback_metrics, key
+        assert float(trainer.callback_metrics[key]) == pytest.approx(float(history[key].iloc[-1, 0])), key
+        assert key in trainer.logged_metrics, key
+    assert set(trainer.progress_bar_metrics) == {"train_loss"}
+    assert history["elbo_validation"].index.tolist() == [0, 1, 2]
+    # the KL weight of each epoch is the one reached at its end (scvi-tools' linear warm-up)
+    assert np.all(np.diff(history["kl_weight"].to_numpy(float).ravel()) > 0)

@@ -85,18 +85,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     adata.write_h5ad(tmp_path / "cells.h5ad")
     raw.write_h5ad(tmp_path / "raw.h5ad")
     out = tmp_path / "out.h5ad"
-    rc = main(
-        [
-            "scar",
-            str(tmp_path / "cells.h5ad"),
-            str(tmp_path / "raw.h5ad"),
-            "-o",
-            str(out),
-            "--max-epochs",
-            "2",
-            "-q",
-        ]
-    )
+    args = ["scar", str(tmp_path / "cells.h5ad"), str(tmp_path / "raw.h5ad"), "-o", str(out)]
+    args += ["--max-epochs", "2", "-q"]
+    rc = main(args)
     assert rc == 0
     import anndata as ad
 
@@ -104,6 +95,13 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert sparse.issparse(res.layers["denoised"]) and res.layers["denoised"].shape == adata.shape
     assert "contamination" in res.obs and res.varm["ambient_profile"].shape == (50, 1)
     assert (res.layers["denoised"].toarray() <= adata.X.toarray()).all()
+    # --threshold reaches get_denoised_counts: 0.999 removes (almost) nothing the default removes
+    rc = main([*args[:4], str(tmp_path / "strict.h5ad"), *args[5:], "--threshold", "0.999"])
+    strict = ad.read_h5ad(tmp_path / "strict.h5ad").layers["denoised"]
+    assert rc == 0 and strict.sum() > res.layers["denoised"].sum()
+    rc = main([*args[:4], str(tmp_path / "y.h5ad"), *args[5:], "--threshold", "most"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--threshold" in err[0] and not (tmp_path / "y.h5ad").exists()
     # bad input: one-line reason and exit code 2, nothing written
     rc = main(
         ["scar", str(tmp_path / "cells.h5ad"), str(tmp_path / "missing.h5ad"), "-o", str(tmp_path / "x.h5ad")]

@@ -17,9 +17,39 @@ def test_denoising_recovers_truth(trained):
     s = ambient_removal_summary(adata.X, den, adata.layers["native"])
     assert s["corr_denoised"] > s["corr_observed"] + 0.02
     assert s["rmse_denoised"] < 0.6 * s["rmse_observed"]
-    assert s["native_removed"] < 0.08  # almost no native counts removed
-    assert s["ambient_removed"] > 0.6
+    # the default ("balanced") removes nearly all ambient counts (the stochastic rounding of the posterior
+    # mean, the rule before it, removed 0.83) for some native ones; threshold=0.5 keeps those (next test)
+    assert s["ambient_removed"] > 0.88
+    assert s["native_removed"] < 0.12
     assert s["entries_above_observed"] == 0.0  # never more counts than observed
+
+
+def test_removal_threshold_trades_ambient_for_native(trained):
+    """'balanced' removes a count when its chance of being ambient is at least the training contamination;
+    0.5 (the posterior median) removes fewer, keeps more native counts and is closer to them."""
+    adata, _, model = trained
+    rho = model.get_contamination_fraction().to_numpy()
+    n = np.asarray(adata.X.sum(1)).ravel()
+    tau = float(model.module.training_contamination)
+    np.testing.assert_allclose(tau, (rho * n).sum() / n.sum(), rtol=1e-5)
+
+    def denoise(t):  # the same draw of z for every threshold
+        torch.manual_seed(0)
+        return model.get_denoised_counts(threshold=t)
+
+    den = {t: denoise(t) for t in ("balanced", 0.5, 0.3)}
+    np.testing.assert_array_equal(den["balanced"].toarray(), denoise(tau).toarray())
+    # no random rounding: the same z gives the same counts; and monotone in the threshold entry by entry
+    np.testing.assert_array_equal(den[0.5].toarray(), denoise(0.5).toarray())
+    assert (den["balanced"].toarray() <= den[0.3].toarray()).all() and (den[0.3] <= den[0.5]).toarray().all()
+    s = {t: ambient_removal_summary(adata.X, d, adata.layers["native"]) for t, d in den.items()}
+    assert s[0.5]["ambient_removed"] < s[0.3]["ambient_removed"] < s["balanced"]["ambient_removed"]
+    assert s[0.5]["native_removed"] < s[0.3]["native_removed"] < s["balanced"]["native_removed"]
+    assert s[0.5]["native_removed"] < 0.05 and s[0.5]["ambient_removed"] > 0.75  # almost no native removed
+    assert s[0.5]["rmse_denoised"] < s["balanced"]["rmse_denoised"]
+    for bad in (0, 1, 1.5, "median", True, None):
+        with pytest.raises(ValueError, match="threshold"):
+            model.get_denoised_counts(threshold=bad, indices=[0])
 
 
 def test_contamination_and_native_frequencies(trained):
@@ -90,6 +120,24 @@ def test_save_load_roundtrip(trained, tmp_path):
     torch.testing.assert_close(loaded.module.ambient_profile, model.module.ambient_profile)
     pd.testing.assert_series_equal(loaded.get_contamination_fraction(), model.get_contamination_fraction())
     np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
+    assert float(loaded.module.training_contamination) == float(model.module.training_contamination)
+
+    def denoise(m):  # the same draw of z for both models
+        torch.manual_seed(0)
+        return m.get_denoised_counts().toarray()
+
+    np.testing.assert_array_equal(denoise(loaded), denoise(model))
+    # a model saved before the training contamination was recorded loads and computes it on first use
+    state = torch.load(tmp_path / "scar" / "model.pt", weights_only=False)
+    del state["model_state_dict"]["training_contamination"]
+    torch.save(state, tmp_path / "scar" / "model.pt")
+    old = cellvi.SCAR.load(tmp_path / "scar", adata=adata)
+    assert np.isnan(float(old.module.training_contamination))
+    old.get_denoised_counts(indices=[0])
+    np.testing.assert_allclose(
+        float(old.module.training_contamination), float(model.module.training_contamination)
+    )
+    np.testing.assert_array_equal(denoise(old), denoise(model))
 
 
 def test_binomial_uses_exact_library_and_one_feature_cells(small):
@@ -227,4 +275,9 @@ def test_recovery_at_demo_size():
     assert np.corrcoef(rho, adata.obs["ambient_fraction"])[0, 1] > 0.8
     assert abs(rho.mean() - adata.obs["ambient_fraction"].mean()) < 0.06
     assert s["rmse_denoised"] < 0.6 * s["rmse_observed"] and s["corr_denoised"] > s["corr_observed"] + 0.02
-    assert s["native_removed"] < 0.1
+    assert s["native_removed"] < 0.15 and s["ambient_removed"] > 0.85  # the default, threshold "balanced"
+    torch.manual_seed(0)
+    median = ambient_removal_summary(
+        adata.X, model.get_denoised_counts(threshold=0.5), adata.layers["native"]
+    )
+    assert median["native_removed"] < 0.1

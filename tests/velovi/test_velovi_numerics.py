@@ -7,7 +7,14 @@ import pytest
 import torch
 from scipy import stats
 
-from cellvi.velovi._module import _MaskDropout, kl_dirichlet, log_gamma_rsample, mixture_log_likelihood
+from cellvi.velovi._module import (
+    _MaskDropout,
+    dirichlet_log_rsample,
+    induction_repression_rsample,
+    kl_dirichlet,
+    log_gamma_rsample,
+    mixture_log_likelihood,
+)
 from cellvi.velovi._special import digamma, lgamma, lgamma_digamma, trigamma
 
 
@@ -118,3 +125,43 @@ def test_mixture_log_likelihood_matches_the_reference_formula(lead):
     # and the observed values' gradient, which training never asks for
     u.requires_grad_()
     assert torch.autograd.gradcheck(lambda uu: mixture_log_likelihood(log_pi.detach(), k, sd, uu, s), (u,))
+
+
+@pytest.mark.parametrize("conc", [(0.3, 2.0, 0.7, 0.1), (5.0, 0.05, 1.5, 3.0)])
+def test_induction_repression_draws_have_the_dirichlet_law(conc):
+    # (pi_0, pi_2) from three Gammas (aggregation property) against the four-Gamma Dirichlet draws:
+    # both marginals and their sum (which a wrong aggregate, e.g. Gamma(a_1) alone, would shift)
+    torch.manual_seed(5)
+    n = 40_000
+    a = torch.tensor(conc).expand(n, 4)
+    p0, p2 = induction_repression_rsample(a)
+    full = dirichlet_log_rsample(a.movedim(-1, 0).contiguous(), dim=0).exp()
+    for ours, ref in ((p0, full[0]), (p2, full[2]), (p0 + p2, full[0] + full[2])):
+        assert stats.ks_2samp(ours.numpy(), ref.numpy()).pvalue > 1e-3
+    a0 = sum(conc)
+    for p, ai in ((p0, conc[0]), (p2, conc[2])):
+        sd = math.sqrt(ai * (a0 - ai) / (a0 * a0 * (a0 + 1)) / n)
+        assert abs(p.mean().item() - ai / a0) < 5 * sd
+    cov = ((p0 - p0.mean()) * (p2 - p2.mean())).mean().item()
+    assert cov == pytest.approx(-conc[0] * conc[2] / (a0 * a0 * (a0 + 1)), rel=0.1)
+
+
+@pytest.mark.parametrize("linear_decoder", [False, True])
+def test_decoder_in_eval_folds_batch_norm_without_changing_outputs(linear_decoder):
+    from cellvi.velovi._module import DecoderVELOVI
+
+    torch.manual_seed(6)
+    dec = DecoderVELOVI(6, 9, n_hidden=32, linear_decoder=linear_decoder)
+    for m in dec.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.2, 3.0)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    dec.eval()
+    z = torch.randn(3, 40, 6)
+    reference = dec(z)  # autograd enabled: scvi-tools' FCLayers forward, batch norm as its own op
+    with torch.inference_mode():
+        folded = dec(z)
+    for a, b in zip(folded, reference, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)

@@ -95,6 +95,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="denoising: remove ambient from observed counts, or re-synthesise (default: %(default)s)",
     )
     d.add_argument(
+        "--threshold",
+        default="balanced",
+        help="remove a count when its posterior chance of being ambient is at least this: 'balanced' "
+        "(the training contamination) or a number in (0, 1); 0.5 removes fewer native counts "
+        "(default: %(default)s)",
+    )
+    d.add_argument(
         "--no-clip", action="store_true", help="do not clip re-synthesised counts to the observed ones"
     )
     d.add_argument(
@@ -115,6 +122,14 @@ def run(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}.")
+    threshold = args.threshold
+    if threshold != "balanced":
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            threshold = None
+        if threshold is None or not 0 < threshold < 1:
+            raise ValueError(f"--threshold must be 'balanced' or a number in (0, 1), got {args.threshold!r}.")
     say = (lambda *a: None) if args.quiet else (lambda *a: print("cellvi scar:", *a, flush=True))
 
     import scvi
@@ -155,7 +170,7 @@ def run(args) -> int:
         enable_progress_bar=not args.quiet,
     )
     adata.layers["denoised"] = model.get_denoised_counts(
-        n_samples=args.n_samples, method=args.method, clip_to_obs=not args.no_clip
+        n_samples=args.n_samples, method=args.method, threshold=threshold, clip_to_obs=not args.no_clip
     )
     adata.obs["contamination"] = model.get_contamination_fraction()
     adata.obsm["X_scAR"] = model.get_latent_representation()

@@ -32,6 +32,7 @@ from cellvi.dataloaders import DataPathMixin, make_data_loader
 from . import _assign, _profile
 from ._fields import LogBinomialConstantField
 from ._module import SCARModule
+from ._removal import ambient_counts_to_remove
 from ._training import SCARTrainingPlan
 
 if TYPE_CHECKING:
@@ -358,6 +359,36 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
             layer=layer,
         )
 
+    # -- training --------------------------------------------------------------------------------
+    def train(self, *args, **kwargs):
+        out = super().train(*args, **kwargs)
+        self.module.training_contamination.fill_(self._contamination_of(self.adata))
+        return out
+
+    train.__doc__ = UnsupervisedTrainingMixin.train.__doc__
+
+    def _contamination_of(self, adata: AnnData | None) -> float:
+        """Fraction of the counts of ``adata`` that the model calls ambient: ``sum_c rho_c n_c / sum_c n_c``."""
+        num = den = 0.0
+        for tensors, px in self._decode(adata, None, None, give_mean=True):
+            n = tensors[REGISTRY_KEYS.X_KEY].sum(-1, dtype=torch.float64)
+            num += float((px.noise_ratio[..., 0].double() * n).sum())
+            den += float(n.sum())
+        return num / den if den > 0 else 0.0
+
+    def _removal_threshold(self, threshold) -> float:
+        if isinstance(threshold, str):
+            if threshold != "balanced":
+                raise ValueError(f"threshold must be 'balanced' or a number in (0, 1), got {threshold!r}.")
+            value = float(self.module.training_contamination)
+            if np.isnan(value):  # a model saved before this was recorded: compute it once
+                value = self._contamination_of(self.adata)
+                self.module.training_contamination.fill_(value)
+            return min(max(value, 1e-6), 1 - 1e-6)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+            raise ValueError(f"threshold must be 'balanced' or a number in (0, 1), got {threshold!r}.")
+        return float(threshold)
+
     # -- decoding helper -------------------------------------------------------------------------
     def _decode(
         self,
@@ -410,17 +441,33 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
         *,
         indices: Sequence[int] | None = None,
         method: Literal["posterior", "resynthesis"] = "posterior",
+        threshold: float | Literal["balanced"] = "balanced",
         clip_to_obs: bool = True,
     ) -> sparse.csr_matrix:
         r"""Generate observation samples from the posterior predictive distribution.
 
         The posterior predictive distribution is written as :math:`p(\hat{x} \mid x)`; here it is the
-        native part of the counts. With ``method="posterior"`` (default) each observed count is split
-        between native and ambient: the denoised count is the stochastic rounding of the posterior
-        mean of the native part, ``x_cg w_cg`` with ``w_cg = (1 - rho_c) f_cg / p_cg`` (exact under the
-        Binomial and Poisson mixtures), so denoised counts never exceed the observed ones. With
-        ``method="resynthesis"`` (the original scAR) the counts are the stochastic rounding of
-        ``N_c (1 - rho_c) f_c``; they can exceed the observed counts unless ``clip_to_obs``.
+        native part of the counts. With ``method="posterior"`` (default) the ambient counts are removed
+        from the observed ones: each of the ``x_cg`` counts is ambient with probability
+        ``q_cg = rho_c a_g / p_cg``, so the number ``A`` of ambient counts among them is
+        ``Binomial(x_cg, q_cg)`` (exact under the Binomial and Poisson mixtures, an approximation under
+        NB/ZINB), and the denoised count is ``x_cg - r`` with ``r`` the largest number such that
+        ``P(A >= r | x_cg) >= threshold``. It never exceeds the observed count and needs no random
+        rounding. With ``method="resynthesis"`` (the original scAR) the counts are the stochastic
+        rounding of ``N_c (1 - rho_c) f_c``; they can exceed the observed counts unless ``clip_to_obs``.
+
+        ``threshold`` trades ambient counts left in against native counts removed: removing one more
+        count of an entry is worth it when the chance that it is ambient is at least ``threshold``.
+        ``0.5`` gives the posterior median (fewest counts wrong, closest to the native counts);
+        ``"balanced"`` (default) uses the fraction of the training counts the model calls ambient,
+        which weighs the fraction of ambient counts left in and the fraction of native counts removed
+        equally (the threshold that maximises their difference, Youden's index). On the data of
+        ``benchmarks/scar.py`` (``simulate_ambient``, 2000 cells x 2000 genes, 15% contamination, 100
+        epochs; ``--seed 0`` and ``--seed 1``) ``"balanced"`` (thresholds 0.184 and 0.203) removed
+        88-89% of the ambient counts and 17% of the native ones (RMSE to the native counts 0.51,
+        per-cell log1p correlation 0.95); ``0.5`` removed 68-72% and 6% (RMSE 0.39-0.40, correlation
+        0.96). The rounded posterior mean used before removed 72% and 9% (RMSE 0.43, seed 0);
+        ``scvi.external.SCAR`` removes 80% and 32-33% (RMSE 1.61-1.71).
 
         Parameters
         ----------
@@ -435,6 +482,9 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
             Indices of cells in adata to use. If None, all cells are used.
         method
             ``"posterior"`` (remove ambient counts from the observed ones) or ``"resynthesis"``.
+        threshold
+            ``"balanced"`` or a number in (0, 1): remove a count when the posterior probability that
+            it is ambient is at least this (only ``"posterior"``); lower removes more.
         clip_to_obs
             Clip the denoised counts to the observed counts (only changes ``"resynthesis"``; the
             posterior never exceeds them). Clipping re-synthesised counts inflates the removal.
@@ -445,26 +495,31 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
         """
         if method not in ("posterior", "resynthesis"):
             raise ValueError(f"method must be 'posterior' or 'resynthesis', got {method!r}.")
-        blocks = []
+        tau = self._removal_threshold(threshold)
+        parts = []  # (values, column indices, non-zeros per row) of each minibatch: one CSR at the end
         for tensors, px in self._decode(adata, indices, batch_size, n_samples=n_samples):
             x = tensors[REGISTRY_KEYS.X_KEY]
-            native_mean = (1 - px.noise_ratio) * px.scale
-            if method == "posterior":
-                mean = x * (native_mean / px.probs.clamp_min(1e-12)).clamp(0, 1)
-            else:
-                mean = x.sum(-1, keepdim=True) * native_mean
+            if method == "posterior":  # only the observed non-zeros can lose counts
+                flat_np = np.flatnonzero(x.cpu().numpy())
+                flat = torch.from_numpy(flat_np).to(x.device)
+                amb = px.noise_ratio * px.ambient  # q = rho a / ((1 - rho) f + rho a)
+                q = amb.div_(torch.addcmul(amb, 1 - px.noise_ratio, px.scale).clamp_min_(1e-12))
+                q = q.reshape(*q.shape[:-2], -1).index_select(-1, flat)
+                x_nz = x.reshape(-1).index_select(0, flat)
+                kept = x_nz - ambient_counts_to_remove(x_nz.expand_as(q), q, tau)
+                if n_samples > 1:
+                    kept = kept.median(0).values
+                parts.append(_nonzeros_at(kept.cpu().numpy(), flat_np, x.shape))
+                continue
+            mean = x.sum(-1, keepdim=True) * (1 - px.noise_ratio) * px.scale
             base = torch.floor(mean)
             counts = base + torch.bernoulli(mean - base)  # stochastic rounding
-            if clip_to_obs or method == "posterior":
+            if clip_to_obs:
                 counts = torch.minimum(counts, x)
             if n_samples > 1:
                 counts = counts.median(0).values
-            blocks.append(sparse.csr_matrix(counts.cpu().numpy().astype(np.int32)))
-        return (
-            sparse.vstack(blocks, format="csr")
-            if blocks
-            else sparse.csr_matrix((0, self.summary_stats.n_vars))
-        )
+            parts.append(_nonzeros(counts.cpu().numpy()))
+        return _csr_from_parts(parts, self.summary_stats.n_vars)
 
     def get_contamination_fraction(
         self,
@@ -950,3 +1005,27 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
         )
         w = np.asarray(w, dtype=np.float64)
         return w / w.sum()
+
+
+def _nonzeros(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Values (int32), column indices (int32) and per-row counts of the non-zeros of a dense 2-D array."""
+    flat = np.flatnonzero(a)
+    rows, cols = np.divmod(flat, a.shape[1])
+    return a.ravel()[flat].astype(np.int32), cols.astype(np.int32), np.bincount(rows, minlength=a.shape[0])
+
+
+def _nonzeros_at(values: np.ndarray, flat: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_nonzeros` of a dense array of ``shape`` holding ``values`` at the flat positions ``flat``."""
+    keep = values != 0
+    rows, cols = np.divmod(flat[keep], shape[1])
+    return values[keep].astype(np.int32), cols.astype(np.int32), np.bincount(rows, minlength=shape[0])
+
+
+def _csr_from_parts(parts, n_cols: int) -> sparse.csr_matrix:
+    """Stack the row blocks of :func:`_nonzeros` into one CSR matrix (no per-block sparse matrices)."""
+    if not parts:
+        return sparse.csr_matrix((0, n_cols), dtype=np.int32)
+    data, indices, per_row = (np.concatenate(p) for p in zip(*parts, strict=True))
+    indptr = np.zeros(per_row.size + 1, dtype=np.int64)
+    np.cumsum(per_row, out=indptr[1:])
+    return sparse.csr_matrix((data, indices, indptr), shape=(per_row.size, n_cols))

@@ -137,7 +137,9 @@ class SCARModule(BaseModuleClass):
         over-estimated (0.24-0.29 vs 0.15), weakly ranked (correlation with the truth 0.25-0.41), 14-19%
         of the native counts removed and the denoised counts further from the truth than the observed
         ones (RMSE 3.7-3.9 vs 1.7-2.0); started at 0.1 the same runs reach a better ELBO with correlation
-        0.92-0.94, 7% native removed and RMSE 0.77-0.78. It also helps at 5% and 30% contamination.
+        0.92-0.94, 7% native removed and RMSE 0.77-0.78 (denoised counts of that time: the stochastic
+        rounding of the posterior mean, see ``get_denoised_counts``). It also helps at 5% and 30%
+        contamination.
     """
 
     def __init__(
@@ -181,6 +183,8 @@ class SCARModule(BaseModuleClass):
                 f"ambient_profile must have shape ({max(n_batch, 1)}, {n_input}), got {tuple(ambient_profile.shape)}."
             )
         self.register_buffer("ambient_profile", ambient_profile)
+        # fraction of the training counts the trained model calls ambient (set after training; NaN before)
+        self.register_buffer("training_contamination", torch.tensor(float("nan")))
 
         cat_list = [n_batch] if n_batch > 1 else None
         self.z_encoder = Encoder(
@@ -212,6 +216,17 @@ class SCARModule(BaseModuleClass):
         )
         self.px_r = nn.Parameter(torch.randn(n_input)) if gene_likelihood in ("nb", "zinb") else None
         self._log_factorial = LogFactorial()  # lookup table of log(k!), not saved
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs
+    ):
+        # models saved before training_contamination existed: keep NaN (recomputed when needed)
+        key = prefix + "training_contamination"
+        if key not in state_dict:
+            state_dict[key] = torch.tensor(float("nan"))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs
+        )
 
     # -- inference ---------------------------------------------------------------------------------
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 _MIN_TRAIN_CELLS = 3
 _SAMPLE_BLOCK = 1 << 24  # elements of one (samples x cells x genes) block kept on the device
+_CACHE_BLOCK = 1 << 17  # (samples x cells x genes) elements of a minibatch whose passes stay in cache
 
 
 def _softplus_inverse(x: np.ndarray) -> np.ndarray:
@@ -356,7 +357,7 @@ class VELOVI(RegistryMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         batch_size: int | None,
         fn,
         latent_dim: int | None = None,
-        sample_pi: bool = True,
+        sample_pi: bool | str = True,
     ) -> list[np.ndarray]:
         """Run ``fn(tensors, generative_outputs)`` on all posterior samples, batched; concatenate over cells.
 
@@ -613,14 +614,10 @@ class VELOVI(RegistryMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
                 v = torch.maximum(v, -tensors[velo_mode])
             return (v.index_select(-1, gene_t),)
 
-        (v,) = self._posterior(
-            adata,
-            indices,
-            n_samples,
-            batch_size,
-            fn,
-            sample_pi=not _mean_only(velo_statistic, n_samples, return_mean),
-        )
+        sample_pi = not _mean_only(velo_statistic, n_samples, return_mean)
+        if sample_pi and velo_statistic == "mean":
+            sample_pi = "induction_repression"  # the expected velocity reads only these two (exact, 3 draws)
+        (v,) = self._posterior(adata, indices, n_samples, batch_size, fn, sample_pi=sample_pi)
         return self._format(
             v, n_samples, return_mean, return_numpy, adata.obs_names[indices], adata.var_names[genes]
         )
@@ -890,8 +887,12 @@ class VELOVI(RegistryMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
                 fit_s, fit_u = self.module.expression_fit(g)
                 return fit_s - tensors["spliced"], fit_u - tensors["unspliced"]
 
-            res_s, res_u = self._posterior(data, np.arange(data.n_obs), n_samples, None, fn, sample_pi=False)
+            res_s, res_u = self._posterior(data, np.arange(data.n_obs), n_samples, batch, fn, sample_pi=False)
             return np.abs(res_s.mean(0)) + np.abs(res_u.mean(0))
+
+        # minibatches of about 2**17 (sample, cell, gene) values: few passes, each still cache-sized
+        # (1000 cells x 50 genes, 10 samples: 262 cells per minibatch, 0.13 -> 0.12 s against 128)
+        batch = max(128, _CACHE_BLOCK // max(1, n_samples * self.summary_stats["n_vars"]))
 
         err_orig = fit_error(adata)
         err_perm = fit_error(permuted)
