@@ -75,8 +75,8 @@ class EpochMetricsTrainingPlan(TrainingPlan):
     stopping and the progress bar work as with scvi-tools' plan. The epoch values are handed to
     Lightning directly (:meth:`_publish`: ``trainer.callback_metrics``, ``logged_metrics``,
     ``progress_bar_metrics`` and the loggers) instead of through ``self.log``, which costs about 1 ms
-    per metric on a CPU; under DDP the per-process sums are added up first (exact epoch means). Losses, optimisers, KL warm-up and
-    learning-rate schedulers are scvi-tools'.
+    per metric on a CPU; under DDP the per-process sums are added up first (exact epoch means).
+    Losses, optimisers, KL warm-up and learning-rate schedulers are scvi-tools'.
 
     Two further differences, neither of which changes what is optimised:
 
@@ -192,8 +192,9 @@ class EpochMetricsTrainingPlan(TrainingPlan):
         logger, as one row with the epoch number.
 
         ``self.log`` costs about 1 ms per metric and call on a CPU (Lightning re-wraps its stored result
-        object on every call), ~10 ms per epoch for a dozen metrics: as much as a training step of a small
-        model. The values are the same; processes are already synchronised by the caller.
+        object on every call): under cProfile, a 100-epoch VELOVI training of 1000 cells x 50 genes (one
+        thread) spent 0.95 s of 9 s in 11 ``self.log`` calls per epoch. The values are the same;
+        processes are already synchronised by the caller.
         """
         trainer = self.trainer
         values = {k: v.detach() for k, v in metrics.items()}
