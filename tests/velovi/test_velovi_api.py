@@ -162,6 +162,48 @@ def test_permutation_scores(quick_model):
         quick_model.get_permutation_scores(labels_key="nope")
 
 
+def test_permutation_scores_fit_only_the_tested_cells(quick_model, monkeypatch):
+    # the t-tests use at most max_cells cells per type: only those are fitted, and the scores equal the
+    # t-tests of the errors of a fit of every cell (posterior means in place of samples: deterministic)
+    from scipy.stats import ttest_ind
+
+    from cellvi.velovi._stats import permute_within_groups, sample_group_rows
+
+    adata = quick_model.adata
+    monkeypatch.setattr(
+        torch.distributions.Normal, "sample", lambda self, shape=(): self.loc.expand(*shape, *self.loc.shape)
+    )
+    calls = []
+    posterior = quick_model._posterior
+
+    def recording(data, indices, *args, **kwargs):
+        calls.append(np.asarray(indices))
+        return posterior(data, indices, *args, **kwargs)
+
+    monkeypatch.setattr(quick_model, "_posterior", recording)
+    groups = np.asarray(adata.obs["cell_type"].astype(str))
+    max_cells = 20
+    scores, permuted = quick_model.get_permutation_scores(labels_key="cell_type", max_cells=max_cells, seed=3)
+    n_tested = sum(min(max_cells, int((groups == g).sum())) for g in np.unique(groups))
+    assert [len(c) for c in calls] == [n_tested, n_tested]
+
+    rng = np.random.default_rng(3)  # the same draws: the permutation, then the tested cells
+    for layer in ("Ms", "Mu"):
+        np.testing.assert_array_equal(
+            permute_within_groups(adata.layers[layer], groups, rng), permuted.layers[layer]
+        )
+    rows = sample_group_rows(groups, max_cells, rng)
+
+    def error(data):
+        fs, fu = quick_model.get_expression_fit(data, n_samples=1)
+        return np.abs(np.asarray(fs) - data.layers["Ms"]) + np.abs(np.asarray(fu) - data.layers["Mu"])
+
+    full_orig, full_perm = error(adata), error(permuted)
+    for g, r in rows.items():
+        expect = ttest_ind(full_perm[r], full_orig[r], axis=0).statistic
+        np.testing.assert_allclose(scores[g].to_numpy(), expect, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.slow
 def test_permutation_scores_rank_trained_genes(trained):
     # on a trained model, permuting breaks the kinetics: errors rise, so scores are mostly positive

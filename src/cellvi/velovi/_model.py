@@ -24,7 +24,13 @@ from cellvi.dataloaders import DATA_PATH_DOC, DataSplitter, make_data_loader
 
 from ._constants import STATE_NAMES, VELOVI_REGISTRY_KEYS
 from ._module import VELOVAE
-from ._stats import directional_statistics, group_ttests, permute_within_groups, switch_estimates
+from ._stats import (
+    directional_statistics,
+    group_ttests,
+    permute_within_groups,
+    sample_group_rows,
+    switch_estimates,
+)
 from ._training import VELOVITrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -853,7 +859,7 @@ class VELOVI(RegistryMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             Posterior samples averaged in each expression fit.
         max_cells
             At most this many cells per cell type enter each t-test (drawn at random; the original uses
-            the first 200).
+            the first 200). Only these cells are fitted.
         seed
             Seed of the permutation and of the cell draw.
 
@@ -881,13 +887,19 @@ class VELOVI(RegistryMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         )
         permuted = self._validate_anndata(permuted)
 
+        # only the cells that enter the t-tests are fitted (the permutation itself uses every cell)
+        rows_by_group = sample_group_rows(groups, max_cells, rng)
+        fitted = np.sort(np.concatenate(list(rows_by_group.values())))
+        position = np.empty(adata.n_obs, dtype=np.int64)
+        position[fitted] = np.arange(fitted.size)
+
         def fit_error(data):
             # residuals per minibatch (the data stay sparse outside it); mean over samples, then |.|
             def fn(tensors, g):
                 fit_s, fit_u = self.module.expression_fit(g)
                 return fit_s - tensors["spliced"], fit_u - tensors["unspliced"]
 
-            res_s, res_u = self._posterior(data, np.arange(data.n_obs), n_samples, batch, fn, sample_pi=False)
+            res_s, res_u = self._posterior(data, fitted, n_samples, batch, fn, sample_pi=False)
             return np.abs(res_s.mean(0)) + np.abs(res_u.mean(0))
 
         # minibatches of about 2**17 (sample, cell, gene) values: few passes, each still cache-sized
@@ -896,7 +908,7 @@ class VELOVI(RegistryMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
 
         err_orig = fit_error(adata)
         err_perm = fit_error(permuted)
-        scores = group_ttests(err_perm, err_orig, groups, max_cells, rng)
+        scores = group_ttests(err_perm, err_orig, {g: position[r] for g, r in rows_by_group.items()})
         scores.index = adata.var_names.copy()
         return scores, permuted
 

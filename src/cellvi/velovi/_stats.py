@@ -141,19 +141,24 @@ def permute_within_groups(X, groups: np.ndarray, rng: np.random.Generator):
     )
 
 
-def group_ttests(
-    permuted_error: np.ndarray,
-    original_error: np.ndarray,
-    groups: np.ndarray,
-    max_cells: int,
-    rng: np.random.Generator,
-) -> pd.DataFrame:
-    """Student's t-statistic per (gene, group) of permuted vs original errors, on up to ``max_cells``
-    randomly chosen cells of each group. Columns: groups, rows: genes (positional)."""
+def sample_group_rows(groups: np.ndarray, max_cells: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Up to ``max_cells`` randomly chosen row indices (sorted) of each group, in order of appearance."""
     out = {}
     for group in pd.unique(groups):
         rows = np.flatnonzero(groups == group)
         if rows.size > max_cells:
             rows = np.sort(rng.choice(rows, max_cells, replace=False))
+        out[group] = rows
+    return out
+
+
+def group_ttests(
+    permuted_error: np.ndarray, original_error: np.ndarray, rows_by_group: dict[str, np.ndarray]
+) -> pd.DataFrame:
+    """Student's t-statistic per (gene, group) of permuted vs original errors over each group's rows.
+
+    Columns: groups, rows: genes (positional)."""
+    out = {}
+    for group, rows in rows_by_group.items():
         out[group] = ttest_ind(permuted_error[rows], original_error[rows], axis=0).statistic
     return pd.DataFrame(out)
