@@ -830,10 +830,9 @@ class FADVAE(BaseModuleClass):
             if n_samples > 1:
                 library = library.expand((n_samples, *library.shape))
         else:
-            x_ = torch.log1p(x) if self.log_variational else x
-            if cont_covs is not None and self.n_continuous_cov > 0:
-                x_ = torch.cat([x_, cont_covs], dim=-1)
-            ql, library = self.l_encoder(x_, batch_index, *self._cats(cat_covs))
+            ql, library = self.l_encoder(
+                self._encoder_input(x, cont_covs), batch_index, *self._cats(cat_covs)
+            )
             if use_mean:
                 library = ql.loc
             if n_samples > 1:
