@@ -122,14 +122,15 @@ def run(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}.")
+    from ._removal import check_threshold
+
     threshold = args.threshold
     if threshold != "balanced":
         try:
             threshold = float(threshold)
         except ValueError:
-            threshold = None
-        if threshold is None or not 0 < threshold < 1:
-            raise ValueError(f"--threshold must be 'balanced' or a number in (0, 1), got {args.threshold!r}.")
+            pass  # a word other than 'balanced': rejected below
+    threshold = check_threshold(threshold, "--threshold", shown=args.threshold)
     say = (lambda *a: None) if args.quiet else (lambda *a: print("cellvi scar:", *a, flush=True))
 
     import scvi

@@ -32,7 +32,7 @@ from cellvi.dataloaders import DataPathMixin, make_data_loader
 from . import _assign, _profile
 from ._fields import LogBinomialConstantField
 from ._module import SCARModule
-from ._removal import ambient_counts_to_remove
+from ._removal import ambient_counts_to_remove, check_threshold
 from ._training import SCARTrainingPlan
 
 if TYPE_CHECKING:
@@ -377,17 +377,14 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
         return num / den if den > 0 else 0.0
 
     def _removal_threshold(self, threshold) -> float:
-        if isinstance(threshold, str):
-            if threshold != "balanced":
-                raise ValueError(f"threshold must be 'balanced' or a number in (0, 1), got {threshold!r}.")
-            value = float(self.module.training_contamination)
-            if np.isnan(value):  # a model saved before this was recorded: compute it once
-                value = self._contamination_of(self.adata)
-                self.module.training_contamination.fill_(value)
-            return min(max(value, 1e-6), 1 - 1e-6)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
-            raise ValueError(f"threshold must be 'balanced' or a number in (0, 1), got {threshold!r}.")
-        return float(threshold)
+        threshold = check_threshold(threshold)
+        if threshold != "balanced":
+            return threshold
+        value = float(self.module.training_contamination)
+        if np.isnan(value):  # a model saved before this was recorded: compute it once
+            value = self._contamination_of(self.adata)
+            self.module.training_contamination.fill_(value)
+        return min(max(value, 1e-6), 1 - 1e-6)
 
     # -- decoding helper -------------------------------------------------------------------------
     def _decode(

@@ -55,6 +55,17 @@ def _cornish_fisher(x: torch.Tensor, q: torch.Tensor, z: float) -> torch.Tensor:
     return torch.minimum(torch.floor(mu + 0.5 + z * sd + skew_term).clamp(min=0), x)
 
 
+def check_threshold(threshold, arg: str = "threshold", shown=None) -> float | str:
+    """``"balanced"`` or ``threshold`` as a float in (0, 1); a ValueError naming ``arg`` otherwise
+    (showing ``shown``, the value as the user wrote it, when given)."""
+    if isinstance(threshold, str) and threshold == "balanced":
+        return threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        shown = threshold if shown is None else shown
+        raise ValueError(f"{arg} must be 'balanced' or a number in (0, 1), got {shown!r}.")
+    return float(threshold)
+
+
 def ambient_counts_to_remove(x: torch.Tensor, q: torch.Tensor, threshold: float) -> torch.Tensor:
     """Largest ``r`` with ``P(A >= r) >= threshold`` for ``A ~ Binomial(x, q)`` (elementwise, float).
 
