@@ -7,12 +7,14 @@ import pytest
 import torch
 from scipy import stats
 
+from cellvi.velovi import _module as module
 from cellvi.velovi._module import (
     _MaskDropout,
     dirichlet_log_rsample,
     induction_repression_rsample,
     kl_dirichlet,
     log_gamma_rsample,
+    log_gamma_sample,
     mixture_log_likelihood,
 )
 from cellvi.velovi._special import digamma, lgamma, lgamma_digamma, trigamma
@@ -56,14 +58,28 @@ def test_kl_dirichlet_value_and_gradient():
     torch.testing.assert_close(g_got, g_exp, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("requires_grad", [True, False])
 @pytest.mark.parametrize("conc", [0.02, 0.3, 1.0, 5.0])
-def test_gamma_sampler_is_exact(conc):
+def test_gamma_sampler_is_exact(conc, requires_grad, monkeypatch):
     # log samples against the log-Gamma law (no float underflow at small shapes): KS on 60k draws;
-    # a sampler that forgot the uniform boost or the rejection step is off by far more than this tests
+    # a sampler that forgot the uniform boost or the rejection step is off by far more than this tests.
+    # Both paths: the reparameterised one (training) and the gradient-free one (inference), the latter
+    # in small chunks so that rejected entries fall in many chunks
+    monkeypatch.setattr(module, "_SAMPLE_CHUNK", 7_000)
     torch.manual_seed(1)
-    log_x = log_gamma_rsample(torch.full((60_000,), conc)).double().numpy()
+    a = torch.full((60_000,), conc, requires_grad=requires_grad)
+    log_x = log_gamma_rsample(a).detach().double().numpy()
     assert np.isfinite(log_x).all()
     assert stats.kstest(log_x, stats.loggamma(conc).cdf).pvalue > 1e-3
+
+
+def test_gradient_free_gamma_sampler_keeps_shape_and_stops_on_nan():
+    torch.manual_seed(7)
+    a = torch.rand(3, 5, 7) + 0.1
+    assert log_gamma_sample(a).shape == a.shape
+    a[1, 2, 3] = float("nan")  # never accepted: left NaN after the last round instead of looping forever
+    out = log_gamma_sample(a)
+    assert torch.isnan(out[1, 2, 3]) and torch.isfinite(out).sum() == a.numel() - 1
 
 
 def test_gamma_sampler_gradient_is_the_reparameterisation_gradient():
@@ -127,14 +143,23 @@ def test_mixture_log_likelihood_matches_the_reference_formula(lead):
     assert torch.autograd.gradcheck(lambda uu: mixture_log_likelihood(log_pi.detach(), k, sd, uu, s), (u,))
 
 
+@pytest.mark.parametrize("requires_grad", [True, False])
 @pytest.mark.parametrize("conc", [(0.3, 2.0, 0.7, 0.1), (5.0, 0.05, 1.5, 3.0)])
-def test_induction_repression_draws_have_the_dirichlet_law(conc):
+def test_induction_repression_draws_have_the_dirichlet_law(conc, requires_grad, monkeypatch):
     # (pi_0, pi_2) from three Gammas (aggregation property) against the four-Gamma Dirichlet draws:
-    # both marginals and their sum (which a wrong aggregate, e.g. Gamma(a_1) alone, would shift)
+    # both marginals and their sum (which a wrong aggregate, e.g. Gamma(a_1) alone, would shift);
+    # the gradient-free path in several chunks, with leading dimensions
+    monkeypatch.setattr(module, "_SAMPLE_CHUNK", 9_000)
     torch.manual_seed(5)
     n = 40_000
     a = torch.tensor(conc).expand(n, 4)
-    p0, p2 = induction_repression_rsample(a)
+    if requires_grad:
+        p0, p2 = induction_repression_rsample(a.clone().requires_grad_())
+        p0, p2 = p0.detach(), p2.detach()
+    else:
+        p0, p2 = induction_repression_rsample(a.reshape(8, n // 8, 4))
+        assert p0.shape == p2.shape == (8, n // 8)
+        p0, p2 = p0.reshape(-1), p2.reshape(-1)
     full = dirichlet_log_rsample(a.movedim(-1, 0).contiguous(), dim=0).exp()
     for ours, ref in ((p0, full[0]), (p2, full[2]), (p0 + p2, full[0] + full[2])):
         assert stats.ks_2samp(ours.numpy(), ref.numpy()).pvalue > 1e-3

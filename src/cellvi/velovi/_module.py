@@ -39,7 +39,12 @@ def log_gamma_rsample(concentration: torch.Tensor) -> torch.Tensor:
     that ``u`` was accepted, ``log u < h(eps)``, ``u / min(1, exp(h(eps)))`` is uniform on ``(0, 1)`` and
     independent of ``eps``, so the samples are still exact. The first round runs on whole tensors; only the
     few rejected entries are redrawn.
+
+    Without a gradient to carry (inference, or a concentration that does not require grad) the draws come
+    from :func:`log_gamma_sample`: the same sampler in fewer, cache-sized passes.
     """
+    if not (concentration.requires_grad and torch.is_grad_enabled()):
+        return log_gamma_sample(concentration)
     d = concentration + (1.0 - 1.0 / 3.0)  # shape a + 1, minus 1/3
     c = torch.rsqrt(9.0 * d)
     with torch.no_grad():
@@ -60,6 +65,48 @@ def log_gamma_rsample(concentration: torch.Tensor) -> torch.Tensor:
                     break
             eps, log_boost = eps.view_as(d0), log_boost.view_as(d0)
     return torch.log(d) + 3 * torch.log1p(c * eps) + log_boost / concentration
+
+
+#: Elements per pass of the gradient-free samplers: their dozen temporaries of this size stay in a core's
+#: L2 cache (one (3, 50, 128, 50) draw of induction/repression probabilities: 1.9x faster than one pass).
+_SAMPLE_CHUNK = 1 << 17
+
+
+@torch.no_grad()
+def log_gamma_sample(concentration: torch.Tensor) -> torch.Tensor:
+    """Log of exact Gamma(concentration, 1) samples without a gradient (the law of :func:`log_gamma_rsample`).
+
+    The same Marsaglia-Tsang draw with the recycled uniform boost, with ``log w^3`` computed once for the
+    acceptance test and the sample, over the flattened tensor in chunks of :data:`_SAMPLE_CHUNK` elements.
+    """
+    a = concentration.reshape(-1)
+    out = torch.empty_like(a)
+    for start in range(0, a.numel(), _SAMPLE_CHUNK):
+        _log_gamma_into(a[start : start + _SAMPLE_CHUNK], out[start : start + _SAMPLE_CHUNK])
+    return out.view(concentration.shape)
+
+
+def _log_gamma_into(a: torch.Tensor, out: torch.Tensor, rounds: int = 100) -> None:
+    """Write ``log Gamma(a, 1)`` draws into ``out`` (1-D, no autograd); rejected entries are redrawn (a few
+    percent per round; entries still rejected after ``rounds`` rounds, such as NaN shapes, are left as they
+    are, as in :func:`log_gamma_rsample`)."""
+    d = a + (1.0 - 1.0 / 3.0)
+    eps = torch.randn_like(d)
+    w = torch.rsqrt(d * 9.0).mul_(eps).add_(1.0)  # 1 + c eps
+    w3 = torch.mul(w, w).mul_(w)
+    log_w3 = torch.log(w3)  # NaN or -inf where w <= 0: rejected below
+    h = torch.add(log_w3, 1.0).sub_(w3).mul_(d).addcmul_(eps, eps, value=0.5)
+    log_u = _log_uniform(d)
+    ok = log_u < h
+    # log x = log d + log w^3 + (log u - min(h, 0)) / a
+    torch.add(log_u.sub_(h.clamp_max_(0.0)).div_(a).add_(log_w3), d.log_(), out=out)
+    if rounds > 1:
+        todo = torch.nonzero(ok.logical_not_()).squeeze(-1)  # one pass (no separate ok.all())
+        if todo.numel() == 0:
+            return
+        redo = torch.empty(todo.numel(), dtype=out.dtype, device=out.device)
+        _log_gamma_into(a[todo], redo, rounds - 1)
+        out[todo] = redo
 
 
 def _log_uniform(like: torch.Tensor) -> torch.Tensor:
@@ -101,9 +148,30 @@ def induction_repression_rsample(concentration: torch.Tensor) -> tuple[torch.Ten
     repression probabilities, such as the expected velocity).
     """
     a = concentration
+    if not (a.requires_grad and torch.is_grad_enabled()):
+        return _induction_repression_sample(a)
     three = torch.stack([a[..., 0], a[..., 2], a[..., 1] + a[..., 3]])
     p = dirichlet_log_rsample(three, dim=0)[:2].exp_()
     return p[0], p[1]
+
+
+@torch.no_grad()
+def _induction_repression_sample(concentration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`induction_repression_rsample` without a gradient, in cache-sized chunks of cells and genes."""
+    a = concentration.reshape(-1, 4)
+    p_ind, p_rep = torch.empty((2, a.shape[0]), dtype=a.dtype, device=a.device)
+    step = max(1, _SAMPLE_CHUNK // 3)
+    for start in range(0, a.shape[0], step):
+        c = a[start : start + step]
+        three = torch.stack([c[:, 0], c[:, 2], c[:, 1] + c[:, 3]])
+        log_g = torch.empty_like(three)
+        _log_gamma_into(three.view(-1), log_g.view(-1))
+        e = log_g.sub_(log_g.amax(0)).exp_()  # normalised in log space: no 0 / 0 at small shapes
+        total = e.sum(0)
+        torch.div(e[0], total, out=p_ind[start : start + step])
+        torch.div(e[1], total, out=p_rep[start : start + step])
+    shape = concentration.shape[:-1]
+    return p_ind.view(shape), p_rep.view(shape)
 
 
 def dirichlet_rsample(concentration: torch.Tensor) -> torch.Tensor:
