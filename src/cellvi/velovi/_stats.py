@@ -70,13 +70,14 @@ def directional_statistics(velocities: np.ndarray, n_jobs: int = 1) -> tuple[pd.
     step = max(1, _BLOCK_ELEMENTS // max(1, velocities.shape[0] * velocities.shape[2]))
 
     def block(start: int) -> None:
-        v = np.asarray(velocities[:, start : start + step], dtype=np.float64)
-        v = v - v.mean(-1, keepdims=True)
-        m = v.mean(0, keepdims=True)
-        num = (v * m).sum(-1)
-        den = np.linalg.norm(v, axis=-1) * np.linalg.norm(m, axis=-1)
-        c = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
-        cos[start : start + step] = np.clip(c, -1.0, 1.0).T
+        v = np.array(velocities[:, start : start + step], dtype=np.float64)  # a copy: centred in place
+        v -= v.mean(-1, keepdims=True)
+        m = v.mean(0)
+        # dot products and squared norms over genes straight into (cells, samples): no product arrays
+        num = np.einsum("scg,cg->cs", v, m)
+        den = np.sqrt(np.einsum("scg,scg->cs", v, v) * np.einsum("cg,cg->c", m, m)[:, None])
+        c = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+        cos[start : start + step] = np.clip(c, -1.0, 1.0, out=c)
 
     starts = range(0, n_cells, step)
     workers = _cpu_count() if n_jobs in (-1, None) else max(1, int(n_jobs))
