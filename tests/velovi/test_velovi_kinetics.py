@@ -69,3 +69,23 @@ def test_simulator_is_seeded_and_consistent():
         cellvi.data.simulate_velocity(n_obs=0)
     with pytest.raises(ValueError, match="beta_range"):
         cellvi.data.simulate_velocity(beta_range=(1.0, 0.5))
+
+
+@pytest.mark.parametrize("near_equal", [False, True])
+def test_exp_diff_inference_branch_gives_the_same_values(near_equal):
+    # without autograd and with no near-equal per-gene rates, exp_diff skips the series branch: same values
+    from cellvi.velovi._kinetics import exp_diff
+
+    torch.manual_seed(0)
+    a, b = torch.rand(40) * 3, torch.rand(40) * 3
+    if near_equal:
+        b[7] = a[7] + 1e-6
+    t = torch.rand(5, 8, 40) * 20
+    with torch.enable_grad():
+        reference = exp_diff(a, b, t)
+    with torch.inference_mode():
+        got = exp_diff(a, b, t)
+        torch.testing.assert_close(got, reference, rtol=1e-6, atol=0)
+        if near_equal:  # the limit t exp(-a t)
+            limit = t[..., 7] * torch.exp(-a[7] * t[..., 7])
+            torch.testing.assert_close(got[..., 7], limit, rtol=1e-4, atol=0)

@@ -171,12 +171,29 @@ def test_induction_repression_draws_have_the_dirichlet_law(conc, requires_grad, 
     assert cov == pytest.approx(-conc[0] * conc[2] / (a0 * a0 * (a0 + 1)), rel=0.1)
 
 
-@pytest.mark.parametrize("linear_decoder", [False, True])
-def test_decoder_in_eval_folds_batch_norm_without_changing_outputs(linear_decoder):
+@pytest.mark.parametrize(
+    ("linear_decoder", "batch_norm", "layer_norm", "n_layers"),
+    [(False, True, False, 1), (True, True, False, 1), (False, True, True, 1), (False, False, True, 2)],
+)
+def test_decoder_in_eval_folds_batch_norm_without_changing_outputs(
+    linear_decoder, batch_norm, layer_norm, n_layers
+):
+    # batch norm and layer norm (VELOVI's default decoder has both) folded into the linear layers
     from cellvi.velovi._module import DecoderVELOVI
 
     torch.manual_seed(6)
-    dec = DecoderVELOVI(6, 9, n_hidden=32, linear_decoder=linear_decoder)
+    dec = DecoderVELOVI(
+        6,
+        9,
+        n_hidden=32,
+        n_layers=n_layers,
+        linear_decoder=linear_decoder,
+        use_batch_norm=batch_norm,
+        use_layer_norm=layer_norm,
+    )
+    for m in dec.modules():  # biases far from zero: the layer norm's centring matters
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            m.bias.data.add_(3.0)
     for m in dec.modules():  # non-trivial running statistics and affine parameters
         if isinstance(m, torch.nn.BatchNorm1d):
             m.running_mean.normal_()

@@ -364,8 +364,11 @@ class VELOVI(RegistryMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         fn,
         latent_dim: int | None = None,
         sample_pi: bool | str = True,
+        log_pi: bool = False,
     ) -> list[np.ndarray]:
         """Run ``fn(tensors, generative_outputs)`` on all posterior samples, batched; concatenate over cells.
+
+        The generative outputs hold the log state probabilities only with ``log_pi=True`` (for likelihoods).
 
         ``fn`` returns tensors with leading dims ``(samples, cells)``. Samples of one minibatch are drawn in
         as few passes as memory allows (blocks of about 2**24 values per tensor).
@@ -386,7 +389,8 @@ class VELOVI(RegistryMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             while done < n_samples:
                 s = min(per_pass, n_samples - done)
                 done += s
-                gen = module._generative(qz.sample((s,)), latent_dim=latent_dim, sample_pi=sample_pi)
+                z = qz.sample((s,))
+                gen = module._generative(z, latent_dim=latent_dim, sample_pi=sample_pi, log_pi=log_pi)
                 result = fn(inp, gen)
                 outs.append([r.float().cpu().numpy() for r in result])
             chunks.append([np.concatenate(parts, axis=0) for parts in zip(*outs, strict=True)])
@@ -771,7 +775,7 @@ class VELOVI(RegistryMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
             log_pu, log_ps = self.module.log_likelihood(tensors["spliced"], tensors["unspliced"], g)
             return ((log_pu + log_ps).index_select(-1, gene_t),)
 
-        (ll,) = self._posterior(adata, indices, n_samples, batch_size, fn)
+        (ll,) = self._posterior(adata, indices, n_samples, batch_size, fn, log_pi=True)
         return self._format(
             ll, n_samples, return_mean, return_numpy, adata.obs_names[indices], adata.var_names[genes]
         )

@@ -320,24 +320,46 @@ def _flat_apply(fn, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fc_forward(fc: FCLayers, x: torch.Tensor) -> torch.Tensor:
-    """``fc(x)`` for 2-D ``x`` without covariates; in eval mode without autograd, each ``Linear`` followed
-    by ``BatchNorm1d`` runs as one affine map (running statistics folded into the weights: the same
-    function to float rounding, one pass over the ``(cells, n_hidden)`` activations fewer)."""
+    """``fc(x)`` for 2-D ``x`` without covariates; in eval mode without autograd, folded into fewer passes.
+
+    Each ``Linear`` followed by ``BatchNorm1d`` runs as one affine map (running statistics folded into the
+    weights). A following ``LayerNorm`` without affine parameters centres each row, which is linear: the
+    centring is folded into the weights too (rows of the weight and the bias minus their means over the
+    output units), leaving one scale per row, ``1 / sqrt(mean(x^2) + eps)``, applied after the ReLU (it
+    is positive). The same function to float rounding, with two passes over the ``(cells, n_hidden)``
+    activations (norm, scale with ReLU) instead of four (batch norm, layer norm, ReLU).
+    """
     if fc.training or torch.is_grad_enabled() or any(n > 1 for n in fc.n_cat_list):
         return fc(x)
     for layers in fc.fc_layers:
         linear, bn, *rest = layers
-        if isinstance(bn, nn.BatchNorm1d) and bn.running_var is not None and isinstance(linear, nn.Linear):
+        if not isinstance(linear, nn.Linear) or (
+            bn is not None and not (isinstance(bn, nn.BatchNorm1d) and bn.running_var is not None)
+        ):
+            x = layers(x)
+            continue
+        weight, bias = linear.weight, linear.bias
+        if bn is not None:
             scale = torch.rsqrt(bn.running_var + bn.eps)
             shift = -bn.running_mean * scale
             if bn.affine:
                 scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
-            bias = shift if linear.bias is None else torch.addcmul(shift, linear.bias, scale)
-            x = F.linear(x, linear.weight * scale.unsqueeze(1), bias)
+            bias = shift if bias is None else torch.addcmul(shift, bias, scale)
+            weight = weight * scale.unsqueeze(1)
+        ln = rest[0] if rest else None
+        if isinstance(ln, nn.LayerNorm) and ln.weight is None and len(ln.normalized_shape) == 1:
+            rest = rest[1:]
+            weight = weight - weight.mean(0)
+            bias = None if bias is None else bias - bias.mean()
+            x = F.linear(x, weight, bias)  # rows centred
+            inv_sd = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            inv_sd = inv_sd.square_().div_(x.shape[-1]).add_(ln.eps).rsqrt_()
+            if rest and type(rest[0]) is nn.ReLU:
+                rest = rest[1:]
+                x.relu_()
+            x.mul_(inv_sd)
         else:
-            x = linear(x)
-            if bn is not None:
-                x = bn(x)
+            x = F.linear(x, weight, bias)
         for layer in rest:
             if layer is not None:
                 x = layer(x)
@@ -721,12 +743,16 @@ class VELOVAE(BaseModuleClass):
         """
         return self._generative(z, latent_dim, sample_pi)
 
-    def _generative(self, z, latent_dim: int | None = None, sample_pi: bool | str = True):
+    def _generative(
+        self, z, latent_dim: int | None = None, sample_pi: bool | str = True, log_pi: bool = True
+    ):
         """:meth:`generative` for tensors already on the module's device (no per-call device lookup).
 
         ``sample_pi='induction_repression'`` draws only the induction and repression probabilities
         (:func:`induction_repression_rsample`, exact): ``pi_states`` is then ``(pi_0, None, pi_2, None)``
-        and ``px_pi`` / ``log_px_pi`` are absent, for the expected velocity.
+        and ``px_pi`` / ``log_px_pi`` are absent, for the expected velocity. ``log_pi=False`` leaves out
+        ``log_px_pi`` / ``log_pi_states`` (for posterior summaries): with ``sample_pi=False`` the mean
+        state probabilities are then ``alpha / sum(alpha)`` directly, without logarithms.
         """
         px_pi_alpha, px_rho, px_tau = self.decoder(z, latent_dim=latent_dim)
         if sample_pi == "induction_repression":
@@ -743,18 +769,24 @@ class VELOVAE(BaseModuleClass):
         alpha_states = px_pi_alpha.movedim(-1, 0).contiguous()
         if sample_pi:
             log_pi_states = dirichlet_log_rsample(alpha_states, dim=0)
-        else:
+            pi_states = torch.exp(log_pi_states)
+        elif log_pi:
             log_pi_states = torch.log(alpha_states) - torch.log(alpha_states.sum(0))
-        pi_states = torch.exp(log_pi_states)
+            pi_states = torch.exp(log_pi_states)
+        else:
+            pi_states = alpha_states / alpha_states.sum(0)
         k = self.kinetics(px_rho, px_tau)
         u_sw, s_sw = k["u_switch"], k["s_switch"]
         end_penalty = ((u_sw - self.switch_unspliced) ** 2).sum() + ((s_sw - self.switch_spliced) ** 2).sum()
+        if log_pi:
+            logs = {"log_px_pi": log_pi_states.movedim(0, -1), "log_pi_states": log_pi_states}
+        else:
+            logs = {}
         return {
             "px_pi": pi_states.movedim(0, -1),
-            "log_px_pi": log_pi_states.movedim(0, -1),
+            **logs,
             "px_pi_alpha": px_pi_alpha,
             "pi_states": pi_states,  # (4, ..., G): the same values with the states first
-            "log_pi_states": log_pi_states,
             "alpha_states": alpha_states,
             "px_rho": px_rho,
             "px_tau": px_tau,
