@@ -89,3 +89,37 @@ def test_exp_diff_inference_branch_gives_the_same_values(near_equal):
         if near_equal:  # the limit t exp(-a t)
             limit = t[..., 7] * torch.exp(-a[7] * t[..., 7])
             torch.testing.assert_close(got[..., 7], limit, rtol=1e-4, atol=0)
+
+
+def test_repression_inference_branch_gives_the_same_values():
+    from cellvi.velovi._kinetics import repression
+
+    torch.manual_seed(1)
+    beta, gamma = torch.rand(30) * 3, torch.rand(30) * 3
+    u0, s0 = torch.rand(30), torch.rand(30)
+    tau = torch.rand(4, 6, 30) * 20
+    with torch.enable_grad():
+        reference = repression(u0, s0, beta, gamma, tau)
+    with torch.inference_mode():
+        got = repression(u0, s0, beta, gamma, tau)
+    for a, b in zip(got, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("time_dep", [False, True])
+@pytest.mark.parametrize("mode", ["spliced", "unspliced"])
+def test_state_velocities_equal_the_kinetics_differences(time_dep, mode):
+    # the closed-form induction velocity alpha beta exp_diff(gamma, beta, t) is beta u - gamma s
+    from cellvi.velovi._module import VELOVAE, _velocities_of
+
+    torch.manual_seed(2)
+    module = VELOVAE(20, time_dep_transcription_rate=time_dep).double()
+    with torch.no_grad():
+        module.gamma_mean_unconstr.normal_()
+        module.alpha_unconstr.normal_()
+    rho, tau = torch.rand(3, 7, 20, dtype=torch.float64), torch.rand(3, 7, 20, dtype=torch.float64)
+    with torch.inference_mode():
+        expected = _velocities_of(module.kinetics(rho, tau), mode)
+        got = module.state_velocities(rho, tau, mode)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

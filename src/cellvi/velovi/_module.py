@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from ._constants import VELOVI_REGISTRY_KEYS
-from ._kinetics import induction, repression, transcription_rate
+from ._kinetics import exp_diff, induction, repression, transcription_rate
 from ._special import lgamma_digamma, trigamma
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -498,6 +498,14 @@ class DecoderVELOVI(nn.Module):
         return px_pi, px_rho, px_tau
 
 
+def _velocities_of(k: dict[str, torch.Tensor], mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Induction and repression velocities (``ds/dt`` for ``'spliced'``, else ``du/dt``) from the kinetics."""
+    beta, gamma = k["beta"], k["gamma"]
+    if mode == "spliced":
+        return beta * k["u_ind"] - gamma * k["s_ind"], beta * k["u_rep"] - gamma * k["s_rep"]
+    return k["alpha_t"] - beta * k["u_ind"], -beta * k["u_rep"]
+
+
 class VELOVAE(BaseModuleClass):
     """Variational auto-encoder of spliced and unspliced abundances with switching-ODE kinetics.
 
@@ -750,19 +758,19 @@ class VELOVAE(BaseModuleClass):
 
         ``sample_pi='induction_repression'`` draws only the induction and repression probabilities
         (:func:`induction_repression_rsample`, exact): ``pi_states`` is then ``(pi_0, None, pi_2, None)``
-        and ``px_pi`` / ``log_px_pi`` are absent, for the expected velocity. ``log_pi=False`` leaves out
+        and ``px_pi`` / ``log_px_pi`` / ``kinetics`` are absent, for the expected velocity. ``log_pi=False`` leaves out
         ``log_px_pi`` / ``log_pi_states`` (for posterior summaries): with ``sample_pi=False`` the mean
         state probabilities are then ``alpha / sum(alpha)`` directly, without logarithms.
         """
         px_pi_alpha, px_rho, px_tau = self.decoder(z, latent_dim=latent_dim)
         if sample_pi == "induction_repression":
             p_ind, p_rep = induction_repression_rsample(px_pi_alpha)
+            # no kinetics dict: velocity() computes the two state velocities it needs from rho and tau
             return {
                 "px_pi_alpha": px_pi_alpha,
                 "pi_states": (p_ind, None, p_rep, None),
                 "px_rho": px_rho,
                 "px_tau": px_tau,
-                "kinetics": self.kinetics(px_rho, px_tau),
             }
         # the state dimension goes first for the computations (one copy): PyTorch's CPU kernels reduce
         # and broadcast over a trailing dimension of size 4 about ten times slower than over a leading one
@@ -848,16 +856,38 @@ class VELOVAE(BaseModuleClass):
     def velocity(
         self, generative_outputs: dict, mode: str = "spliced", statistic: str = "mean"
     ) -> torch.Tensor:
-        """Per cell-gene ``ds/dt`` (``mode='spliced'``) or ``du/dt``, expected over states or of the MAP state."""
-        k = generative_outputs["kinetics"]
-        beta, gamma = k["beta"], k["gamma"]
-        if mode == "spliced":
-            v_ind = beta * k["u_ind"] - gamma * k["s_ind"]
-            v_rep = beta * k["u_rep"] - gamma * k["s_rep"]
+        """Per cell-gene ``ds/dt`` (``mode='spliced'``) or ``du/dt``, expected over states or of the MAP state.
+
+        Without a ``kinetics`` entry (``sample_pi='induction_repression'``) the induction and repression
+        velocities come from :meth:`state_velocities`.
+        """
+        if "kinetics" in generative_outputs:
+            v_ind, v_rep = _velocities_of(generative_outputs["kinetics"], mode)
         else:
-            v_ind = k["alpha_t"] - beta * k["u_ind"]
-            v_rep = -beta * k["u_rep"]
+            v_ind, v_rep = self.state_velocities(
+                generative_outputs["px_rho"], generative_outputs["px_tau"], mode
+            )
         return self._reduce_states([v_ind, None, v_rep, None], generative_outputs["pi_states"], statistic)
+
+    def state_velocities(
+        self, px_rho: torch.Tensor, px_tau: torch.Tensor, mode: str = "spliced"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Velocities in induction and repression at the decoded positions (the steady states have 0).
+
+        With constant transcription, the spliced induction velocity is taken in closed form,
+        ``beta u - gamma s = alpha beta (exp(-gamma t) - exp(-beta t)) / (beta - gamma)``
+        (:func:`~cellvi.velovi._kinetics.exp_diff`; the same value, without the cancellation of the
+        difference and with a third of the array operations); otherwise from :meth:`kinetics`.
+        """
+        if mode != "spliced" or self.time_dep_transcription_rate:
+            return _velocities_of(self.kinetics(px_rho, px_tau), mode)
+        r = self.get_rates()
+        alpha, beta, gamma = r["alpha"], r["beta"], r["gamma"]
+        t_s = self.switch_time()
+        v_ind = exp_diff(gamma, beta, px_rho * t_s) * (alpha * beta)
+        u_sw, s_sw = induction(alpha, beta, gamma, t_s)
+        u_rep, s_rep = repression(u_sw, s_sw, beta, gamma, (self.t_max - t_s) * px_tau)
+        return v_ind, beta * u_rep - gamma * s_rep
 
     def expression_fit(self, generative_outputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixture means ``sum_k pi_k mu_k`` of spliced and unspliced (the repression steady state is 0)."""
