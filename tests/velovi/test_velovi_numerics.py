@@ -176,11 +176,13 @@ def test_induction_repression_draws_have_the_dirichlet_law(conc, requires_grad, 
     [(False, True, False, 1), (True, True, False, 1), (False, True, True, 1), (False, False, True, 2)],
 )
 def test_decoder_in_eval_folds_batch_norm_without_changing_outputs(
-    linear_decoder, batch_norm, layer_norm, n_layers
+    linear_decoder, batch_norm, layer_norm, n_layers, monkeypatch
 ):
-    # batch norm and layer norm (VELOVI's default decoder has both) folded into the linear layers
+    # batch norm and layer norm (VELOVI's default decoder has both) folded into the linear layers, the
+    # rows decoded in blocks (37 rows here: the last block is partial), with and without latent_dim
     from cellvi.velovi._module import DecoderVELOVI
 
+    monkeypatch.setattr(module, "_DECODE_ROWS", 37)
     torch.manual_seed(6)
     dec = DecoderVELOVI(
         6,
@@ -206,4 +208,10 @@ def test_decoder_in_eval_folds_batch_norm_without_changing_outputs(
     with torch.inference_mode():
         folded = dec(z)
     for a, b in zip(folded, reference, strict=True):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    reference = dec(z, latent_dim=2)
+    with torch.inference_mode():
+        folded = dec(z, latent_dim=2)
+    for a, b in zip(folded, reference, strict=True):
+        assert a.shape == b.shape
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
