@@ -107,36 +107,46 @@ def log_gamma_sample(concentration: torch.Tensor) -> torch.Tensor:
     """Log of exact Gamma(concentration, 1) samples without a gradient (the law of :func:`log_gamma_rsample`).
 
     The same Marsaglia-Tsang draw with the recycled uniform boost, with ``log w^3`` computed once for the
-    acceptance test and the sample, over the flattened tensor in chunks of :data:`_SAMPLE_CHUNK` elements.
+    acceptance test and the sample, over the flattened tensor in chunks of :data:`_SAMPLE_CHUNK` elements;
+    the rejected entries of all chunks are redrawn together at the end (:func:`_redraw_rejected`).
     """
     a = concentration.reshape(-1)
     out = torch.empty_like(a)
+    rejected = []
     for start in range(0, a.numel(), _SAMPLE_CHUNK):
-        _log_gamma_into(a[start : start + _SAMPLE_CHUNK], out[start : start + _SAMPLE_CHUNK])
+        ok = _log_gamma_try(a[start : start + _SAMPLE_CHUNK], out[start : start + _SAMPLE_CHUNK])
+        rejected.append(torch.nonzero(ok.logical_not_()).squeeze(-1).add_(start))
+    _redraw_rejected(a, out, torch.cat(rejected))
     return out.view(concentration.shape)
 
 
-def _log_gamma_into(a: torch.Tensor, out: torch.Tensor, rounds: int = 100) -> None:
-    """Write ``log Gamma(a, 1)`` draws into ``out`` (1-D, no autograd); rejected entries are redrawn (a few
-    percent per round; entries still rejected after ``rounds`` rounds, such as NaN shapes, are left as they
-    are, as in :func:`log_gamma_rsample`)."""
+def _log_gamma_try(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One Marsaglia-Tsang trial per entry of 1-D ``a`` (no autograd): its log-Gamma value into ``out``;
+    returns the acceptance mask (NaN or -inf ``log w^3``, i.e. ``w <= 0``, is rejected)."""
     d = a + (1.0 - 1.0 / 3.0)
     eps = torch.randn_like(d)
     w = torch.rsqrt(d * 9.0).mul_(eps).add_(1.0)  # 1 + c eps
     w3 = torch.mul(w, w).mul_(w)
-    log_w3 = torch.log(w3)  # NaN or -inf where w <= 0: rejected below
+    log_w3 = torch.log(w3)
     h = torch.add(log_w3, 1.0).sub_(w3).mul_(d).addcmul_(eps, eps, value=0.5)
     log_u = _log_uniform(d)
     ok = log_u < h
     # log x = log d + log w^3 + (log u - min(h, 0)) / a
     torch.add(log_u.sub_(h.clamp_max_(0.0)).div_(a).add_(log_w3), d.log_(), out=out)
-    if rounds > 1:
-        todo = torch.nonzero(ok.logical_not_()).squeeze(-1)  # one pass (no separate ok.all())
+    return ok
+
+
+def _redraw_rejected(a: torch.Tensor, out: torch.Tensor, todo: torch.Tensor, rounds: int = 99) -> None:
+    """Redraw the entries ``todo`` of 1-D ``out`` (shapes ``a``) until accepted (a few percent per round);
+    entries still rejected after ``rounds`` rounds, such as NaN shapes, keep their last value, as in
+    :func:`log_gamma_rsample`. One call for all chunks: the rounds cost about 15 small operations each."""
+    for _ in range(rounds):
         if todo.numel() == 0:
             return
-        redo = torch.empty(todo.numel(), dtype=out.dtype, device=out.device)
-        _log_gamma_into(a[todo], redo, rounds - 1)
-        out[todo] = redo
+        value = torch.empty(todo.numel(), dtype=out.dtype, device=out.device)
+        ok = _log_gamma_try(a[todo], value)
+        out[todo] = torch.where(ok, value, out[todo])
+        todo = todo[~ok]
 
 
 def _log_uniform(like: torch.Tensor) -> torch.Tensor:
@@ -187,26 +197,36 @@ def induction_repression_rsample(concentration: torch.Tensor) -> tuple[torch.Ten
 
 @torch.no_grad()
 def _induction_repression_sample(concentration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`induction_repression_rsample` without a gradient, in cache-sized chunks of cells and genes."""
+    """:func:`induction_repression_rsample` without a gradient, in cache-sized chunks of cells and genes.
+
+    The three Gamma shapes and log draws are laid out chunk by chunk (each chunk a ``(3, m)`` block), the
+    rejected entries of all chunks are redrawn together, then each chunk is normalised in log space.
+    """
     a = concentration.reshape(-1, 4)
-    p_ind, p_rep = torch.empty((2, a.shape[0]), dtype=a.dtype, device=a.device)
+    n = a.shape[0]
+    shapes = torch.empty(3 * n, dtype=a.dtype, device=a.device)
+    log_g = torch.empty_like(shapes)
     step = max(1, _SAMPLE_CHUNK // 3)
-    for start in range(0, a.shape[0], step):
+    rejected = []
+    for start in range(0, n, step):
         c = a[start : start + step]
-        three = torch.stack([c[:, 0], c[:, 2], c[:, 1] + c[:, 3]])
-        log_g = torch.empty_like(three)
-        _log_gamma_into(three.view(-1), log_g.view(-1))
-        e = log_g.sub_(log_g.amax(0)).exp_()  # normalised in log space: no 0 / 0 at small shapes
+        block = slice(3 * start, 3 * start + 3 * c.shape[0])
+        three = shapes[block].view(3, -1)
+        three[0], three[1] = c[:, 0], c[:, 2]
+        torch.add(c[:, 1], c[:, 3], out=three[2])
+        ok = _log_gamma_try(shapes[block], log_g[block])
+        rejected.append(torch.nonzero(ok.logical_not_()).squeeze(-1).add_(3 * start))
+    _redraw_rejected(shapes, log_g, torch.cat(rejected))
+    p_ind, p_rep = torch.empty((2, n), dtype=a.dtype, device=a.device)
+    for start in range(0, n, step):
+        m = min(step, n - start)
+        lg = log_g[3 * start : 3 * (start + m)].view(3, m)
+        e = lg.sub_(lg.amax(0)).exp_()  # normalised in log space: no 0 / 0 at small shapes
         total = e.sum(0)
-        torch.div(e[0], total, out=p_ind[start : start + step])
-        torch.div(e[1], total, out=p_rep[start : start + step])
+        torch.div(e[0], total, out=p_ind[start : start + m])
+        torch.div(e[1], total, out=p_rep[start : start + m])
     shape = concentration.shape[:-1]
     return p_ind.view(shape), p_rep.view(shape)
-
-
-def dirichlet_rsample(concentration: torch.Tensor) -> torch.Tensor:
-    """Reparameterised Dirichlet sample along the last dimension."""
-    return torch.exp(dirichlet_log_rsample(concentration))
 
 
 class _MixtureLogLik(torch.autograd.Function):
