@@ -240,3 +240,27 @@ def test_other_genes_are_rejected(quick_model):
     other = quick_model.adata[:, :5].copy()
     with pytest.raises(ValueError):
         quick_model.get_velocity(adata=other)
+
+
+def test_posterior_passes_fill_every_sample_and_cell(quick_model, monkeypatch):
+    # samples drawn one pass at a time, several minibatches, a subset of cells: the same values as one
+    # pass per minibatch. The latent draws are made deterministic (sample k of a minibatch is
+    # loc + 0.1 k scale, whatever the passes), so the expected velocities must agree exactly
+    import cellvi.velovi._model as velovi_model
+
+    def sample(self, shape=()):
+        k = getattr(self, "_drawn", 0)
+        self._drawn = k + shape[0]
+        c = torch.arange(k, k + shape[0], dtype=self.loc.dtype).view(-1, *[1] * self.loc.dim())
+        return self.loc + 0.1 * c * self.scale
+
+    monkeypatch.setattr(torch.distributions.Normal, "sample", sample)
+    idx = np.arange(0, quick_model.adata.n_obs, 3)
+
+    def velocity():
+        return quick_model.get_velocity(indices=idx, n_samples=3, batch_size=7, return_numpy=True)
+
+    expected = velocity()
+    monkeypatch.setattr(velovi_model, "_SAMPLE_BLOCK", 1)
+    np.testing.assert_allclose(velocity(), expected, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(expected[:7], expected[7:14])  # the cells are not all alike

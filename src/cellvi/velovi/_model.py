@@ -378,25 +378,29 @@ class VELOVI(RegistryMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         device = module.device  # looked up once (scvi's auto_move_data walks the parameters per call)
         n_genes = self.summary_stats["n_vars"]
         loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
-        chunks: list[list[np.ndarray]] = []
+        results: list[np.ndarray] | None = None  # (samples, cells, ...) each, filled block by block
+        first = 0
         for tensors in loader:
             inp = {k: v.to(device) for k, v in module._get_inference_input(tensors).items()}
             n_cells = inp["spliced"].shape[0]
             per_pass = max(1, min(n_samples, _SAMPLE_BLOCK // max(1, 4 * n_cells * n_genes)))
             qz = module._inference(**inp)[MODULE_KEYS.QZ_KEY]  # encoded once per minibatch
-            outs: list[list[np.ndarray]] = []
             done = 0
             while done < n_samples:
                 s = min(per_pass, n_samples - done)
-                done += s
                 z = qz.sample((s,))
                 gen = module._generative(z, latent_dim=latent_dim, sample_pi=sample_pi, log_pi=log_pi)
                 result = fn(inp, gen)
-                outs.append([r.float().cpu().numpy() for r in result])
-            chunks.append([np.concatenate(parts, axis=0) for parts in zip(*outs, strict=True)])
-        if not chunks:
+                if results is None:
+                    shape = (n_samples, len(indices))
+                    results = [np.empty(shape + tuple(r.shape[2:]), dtype=np.float32) for r in result]
+                for out, r in zip(results, result, strict=True):
+                    out[done : done + s, first : first + n_cells] = r.float().cpu().numpy()
+                done += s
+            first += n_cells
+        if results is None:
             raise ValueError("indices selects no cells.")
-        return [np.concatenate(parts, axis=1) for parts in zip(*chunks, strict=True)]
+        return results
 
     @staticmethod
     def _format(
@@ -616,13 +620,13 @@ class VELOVI(RegistryMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass)
         adata, indices, genes = self._prepare(adata, indices, gene_list, n_samples, batch_size)
         if n_samples_overall is not None:
             indices, n_samples = self._overall_indices(indices, n_samples_overall), 1
-        gene_t = torch.as_tensor(genes, device=self.device)
+        gene_t = None if gene_list is None else torch.as_tensor(genes, device=self.device)
 
         def fn(tensors, g):
             v = self.module.velocity(g, velo_mode, velo_statistic)
             if clip:
-                v = torch.maximum(v, -tensors[velo_mode])
-            return (v.index_select(-1, gene_t),)
+                v = torch.maximum(v, tensors[velo_mode].neg())
+            return (v if gene_t is None else v.index_select(-1, gene_t),)
 
         sample_pi = not _mean_only(velo_statistic, n_samples, return_mean)
         if sample_pi and velo_statistic == "mean":
