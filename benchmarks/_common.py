@@ -107,11 +107,27 @@ class Report:
         """Peak memory growth (MiB) of cellvi and of the original for the same work."""
         self.memory_rows.append({"what": what, "cellvi_mb": cellvi_mb, "original_mb": original_mb})
 
-    def quality(self, metric: str, cellvi: float, original: float | None, better: str = "higher") -> None:
-        """A ground-truth quality metric; ``better`` is ``"higher"`` or ``"lower"``."""
+    def quality(
+        self,
+        metric: str,
+        cellvi: float,
+        original: float | None,
+        better: str = "higher",
+        tolerance: float = 0.0,
+    ) -> None:
+        """A ground-truth quality metric; ``better`` is ``"higher"`` or ``"lower"``.
+
+        ``tolerance``: the resolution of the measure; cellvi counts as at least as good when it is
+        worse by less than that (shown as a tie in the table).
+        """
         if better not in ("higher", "lower"):
             raise ValueError(f"better must be 'higher' or 'lower', got {better!r}")
-        self.qualities.append({"metric": metric, "cellvi": cellvi, "original": original, "better": better})
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
+        row = {"metric": metric, "cellvi": cellvi, "original": original, "better": better}
+        if tolerance:
+            row["tolerance"] = tolerance
+        self.qualities.append(row)
 
     def note(self, text: str) -> None:
         """A line shown under the model's table (e.g. what the original could not do)."""

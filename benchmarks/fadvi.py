@@ -20,9 +20,9 @@ Printed figures:
 - peak memory growth of ``train()`` (resident set, :func:`_common.measure`).
 
 The adversarial training is stochastic: one run's leak figures move by up to ~0.15 between seeds, so
-one seed cannot decide "at least as good". With ``--seeds 0 1 2`` every seed gets new simulated data
+one seed cannot decide "at least as good". With ``--seeds 0 1 2 3 4`` every seed gets new simulated data
 and both models train with that seed; the per-seed figures are printed, then the mean and sd of each
-metric over the seeds, and "cellvi at least as good" is judged on the means (the default: seeds 0 1 2;
+metric over the seeds, and "cellvi at least as good" is judged on the means (the default: seeds 0 1 2 3 4;
 ``--seed N`` runs one). Training is timed by
 wall and process CPU clock; with ``--repeats N`` the two models are trained N times per seed,
 interleaved (fadvi, cellvi, fadvi, ...; quality from the first fit of each), and the reported times
@@ -31,7 +31,7 @@ are medians over all fits of all seeds. ``--json PATH`` writes the mean table as
 
 Usage::
 
-    flock /tmp/cellvi-bench.lock python benchmarks/fadvi.py --seeds 0 1 2 --json benchmarks/results/fadvi.json
+    flock /tmp/cellvi-bench.lock python benchmarks/fadvi.py --json benchmarks/results/fadvi.json
     flock /tmp/cellvi-bench.lock python benchmarks/fadvi.py --n-cells 2000 --n-genes 500 --epochs 20 --seed 1
 """
 
@@ -88,6 +88,10 @@ def _integration(Z, batch, label, seed=0) -> dict:
     }
 
 
+# the resolution of the quality figures: they are compared at the third decimal (one held-out cell
+# of ~1,200 moves a balanced accuracy by ~0.001; a kept-signal row at 0.9998 against 1.0000 is a
+# tie, not a loss)
+_TOLERANCE = 5e-4
 _LEAKS = ("z_l->batch", "z_r->batch", "z_b->label", "z_r->label", "z_b->residual", "z_l->residual")
 _KEPT = ("z_b->batch", "z_l->label", "z_r->residual")
 # quality rows: (key, label in the report, direction)
@@ -167,7 +171,7 @@ def _inner(args) -> None:
     import fadvi  # imported after cellvi: it changes the global warning filters
 
     classes = {"fadvi": fadvi.FADVI, "cellvi": CellFADVI}
-    seeds = list(args.seeds) if args.seeds else ([args.seed] if args.seed is not None else [0, 1, 2])
+    seeds = list(args.seeds) if args.seeds else ([args.seed] if args.seed is not None else [0, 1, 2, 3, 4])
 
     def fit(name, adata, seed):
         data = adata.copy()
@@ -223,7 +227,9 @@ def _inner(args) -> None:
     c, f = mean["cellvi"], mean["fadvi"]
 
     def as_good(key, better):
-        return c[key] >= f[key] if better == "higher" else c[key] <= f[key]
+        if better == "higher":
+            return c[key] >= f[key] - _TOLERANCE
+        return c[key] <= f[key] + _TOLERANCE
 
     table = pd.DataFrame(
         {
@@ -273,7 +279,7 @@ def _inner(args) -> None:
     report.speed("training (cpu)", cellvi_s=tc["train_cpu_s"], original_s=tf["train_cpu_s"], clock="cpu")
     report.memory("training", cellvi_mb=tc["peak_mb"], original_mb=tf["peak_mb"])
     for key, label, better in _QUALITY:
-        report.quality(label, c[key], f[key], better)
+        report.quality(label, c[key], f[key], better, tolerance=_TOLERANCE)
     if len(seeds) > 1:
         columns = ["metric", "original sd", "cellvi sd"]
         for s in seeds:
@@ -288,6 +294,10 @@ def _inner(args) -> None:
     report.note(
         f"quality figures are means over seeds {seeds} (new simulated data and training seed each); training "
         f"times are medians over {n_fits} interleaved fits per model"
+    )
+    report.note(
+        f"quality means are compared at the third decimal (tolerance {_TOLERANCE:g}, the resolution of a "
+        "balanced accuracy on ~1,200 held-out cells); a 'tie' is within it"
     )
     report.note(
         f"z_b->label floor from batch composition alone (probe on the batch one-hot): {floor_mean:.3f} "
@@ -309,7 +319,7 @@ def main(argv=None) -> int:
         type=int,
         nargs="+",
         default=None,
-        help="seeds (new data and training seed each); quality is the mean over them (default: 0 1 2)",
+        help="seeds (new data and training seed each); quality is the mean over them (default: 0 1 2 3 4)",
     )
     p.add_argument("--seed", type=int, default=None, help="one seed only (the same as --seeds SEED)")
     p.add_argument(

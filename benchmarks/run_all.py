@@ -158,7 +158,16 @@ def at_least_as_good(q: dict) -> bool | None:
         or (isinstance(c, float) and math.isnan(c))
     ):
         return None
-    return c >= o if q.get("better", "higher") == "higher" else c <= o
+    tol = q.get("tolerance", 0.0)
+    return c >= o - tol if q.get("better", "higher") == "higher" else c <= o + tol
+
+
+def _is_tie(q: dict) -> bool:
+    """At least as good only thanks to the row's tolerance (the resolution of the measure)."""
+    c, o, tol = q.get("cellvi"), q.get("original"), q.get("tolerance", 0.0)
+    if not tol or at_least_as_good(q) is not True:
+        return False
+    return c < o if q.get("better", "higher") == "higher" else c > o
 
 
 def _machine(meta: dict, settings: dict | None = None) -> str:
@@ -296,7 +305,9 @@ def render(out: Path) -> str:
                 mark = at_least_as_good(q)
                 rows.append([q["metric"], f"{q.get('better', 'higher')} is better", _num(q.get("original"), 4),
                              _num(q.get("cellvi"), 4),
-                             "—" if mark is None else ("yes" if mark else "**no**")])  # fmt: skip
+                             "—" if mark is None else (
+                                 f"tie (within {q['tolerance']:g})" if _is_tie(q) else "yes" if mark else "**no**"
+                             )])  # fmt: skip
             lines += _md_table(["metric", "direction", "original", "cellvi", "cellvi at least as good"], rows)
         for table in rep.get("tables", []):
             lines += ["", f"{table['title']}:", ""]
