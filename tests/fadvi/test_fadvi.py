@@ -260,6 +260,66 @@ def test_group_whitening_measures_leaks_along_small_directions():
     assert float(_group_whiten(z[:1], group[:1], 3).abs().sum()) == 0.0
 
 
+def test_kernel_leak_reads_clusters_that_class_means_miss():
+    """Within-group kernel alignment: what a nearest-neighbour probe reads inside a tight group.
+
+    Two classes in XOR clusters have equal class means (no linear signal for the class-mean
+    spread), yet each cell's neighbours share its class. The alignment sees it at any scale, and
+    sits near its no-signal level when the classes are shuffled over the same points.
+    """
+    from torch.nn.functional import one_hot
+
+    from cellvi.fadvi._module import _class_mean_spread, _kernel_leak
+
+    g = torch.Generator().manual_seed(0)
+    n = 240
+    group = torch.arange(n) % 3
+    label = (torch.arange(n) // 3) % 2
+    corner = (torch.arange(n) // 6) % 2  # which of the class's two clusters
+    sign = torch.stack([1 - 2 * corner, (1 - 2 * corner) * (1 - 2 * label)], 1).float()
+    z = 0.01 * sign + 0.001 * torch.randn(n, 2, generator=g) + 5.0 * group[:, None].float()
+    z = torch.cat([z, 5.0 * group[:, None].float()], 1)  # a column holding only the group
+    oh_g, oh_y = one_hot(group, 3), one_hot(label, 2)
+    leak = float(_kernel_leak(z, oh_g, oh_y))
+    shuffled = float(_kernel_leak(z, oh_g, oh_y[torch.randperm(n, generator=g)]))
+    assert leak > 0.3 and leak > shuffled + 0.25, (leak, shuffled)
+    assert float(_kernel_leak(1e-3 * z, oh_g, oh_y)) == pytest.approx(leak, rel=1e-3)
+    # the linear view of the same block sees nothing: the class means coincide within groups
+    zc = z - one_hot(group, 3).float() @ (one_hot(group, 3).float().T @ z / 80)
+    zc = zc[:, :2] / zc[:, :2].std(0)
+    assert float(_class_mean_spread(zc, label, 2, None)) < 0.02
+    # masked cells take no part; a group with one class only, or fewer than four cells, is skipped
+    keep = torch.arange(n) < 120
+    assert float(_kernel_leak(z, oh_g, oh_y, keep)) == pytest.approx(
+        float(_kernel_leak(z[keep], oh_g[keep], oh_y[keep])), rel=1e-3
+    )
+    assert float(_kernel_leak(z, oh_g, one_hot(torch.zeros(n, dtype=torch.long), 2))) == 0.0
+    assert float(_kernel_leak(z[:3], oh_g[:3], oh_y[:3])) == 0.0
+    # stacked measures (padded to a common width) equal the separate ones
+    from cellvi.fadvi._module import _pad_columns
+
+    z2 = torch.randn(n, 5, generator=g) + 0.3 * one_hot(group, 3).float() @ torch.randn(3, 5, generator=g)
+    both = _kernel_leak(_pad_columns(z, z2), _pad_columns(oh_g, oh_y), _pad_columns(oh_y, oh_g))
+    torch.testing.assert_close(both, torch.stack([_kernel_leak(z, oh_g, oh_y), _kernel_leak(z2, oh_y, oh_g)]))
+    # the encoders are trained through it, also when a group is skipped (no NaN gradient): one
+    # with a single class, and one absent from the minibatch (a fourth group column)
+    z.requires_grad_(True)
+    one_class_group = (
+        oh_y * (group != 0)[:, None] + one_hot(torch.zeros(n, dtype=torch.long), 2) * (group == 0)[:, None]
+    )
+    _kernel_leak(z, one_hot(group, 4), one_class_group).backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_alpha_kernel_validated():
+    adata = simulate_batches(n_cells=60, n_genes=30, n_batches=2, n_labels=2, seed=0)
+    FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels")
+    for bad in (-1.0, True, "1"):
+        with pytest.raises(ValueError, match="alpha_kernel"):
+            FADVI(adata, alpha_kernel=bad)
+    assert FADVI(adata, alpha_kernel=0).module.alpha_kernel == 0.0
+
+
 def test_whiten_ridge_validated():
     adata = simulate_batches(n_cells=60, n_genes=30, n_batches=2, n_labels=2, seed=0)
     FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels")
