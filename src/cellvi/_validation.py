@@ -140,6 +140,15 @@ def check_positive_int(value, arg: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_number(value, arg: str, *, minimum: float = 0.0, inclusive: bool = True) -> float:
+    """Return ``value`` as a float or raise if it is not a Python number (not a bool) ``>= minimum``
+    (``> minimum`` when ``inclusive`` is False)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (value >= minimum if inclusive else value > minimum):
+        raise ValueError(f"{arg} must be a number {'>=' if inclusive else '>'} {minimum:g}, got {value!r}.")
+    return float(value)
+
+
 def check_probability(value, arg: str, *, inclusive: bool = True) -> float:
     """Return ``value`` as a float or raise if it is not in [0, 1] (or (0, 1))."""
     ok = 0 <= value <= 1 if inclusive else 0 < value < 1

@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributions import Normal
 from torch.distributions import kl_divergence as kl
 
+from .._validation import check_number
 from ._constants import BLOCKS
 
 
@@ -706,18 +707,8 @@ class FADVAE(BaseModuleClass):
         self.gamma = gamma
         self.adversary_scale = adversary_scale
         self.alpha_res = alpha_res
-        if not (
-            isinstance(whiten_ridge, (int, float)) and not isinstance(whiten_ridge, bool) and whiten_ridge > 0
-        ):
-            raise ValueError(f"whiten_ridge must be a number > 0, got {whiten_ridge!r}.")
-        self.whiten_ridge = float(whiten_ridge)
-        if not (
-            isinstance(alpha_kernel, (int, float))
-            and not isinstance(alpha_kernel, bool)
-            and alpha_kernel >= 0
-        ):
-            raise ValueError(f"alpha_kernel must be a number >= 0, got {alpha_kernel!r}.")
-        self.alpha_kernel = float(alpha_kernel)
+        self.whiten_ridge = check_number(whiten_ridge, "whiten_ridge", inclusive=False)
+        self.alpha_kernel = check_number(alpha_kernel, "alpha_kernel")
         # compute the three encoders in one fused pass (_fused_posteriors); False: one call each
         self.fuse_encoders = True
         # scvi-tools' RNASeqMixin reads these
