@@ -141,6 +141,11 @@ def _standardise(z: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:
     return (z - z.mean(0, keepdim=True)) / z.std(0, keepdim=True).clamp(min=eps)
 
 
+def _group_means(onehot: torch.Tensor, z: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean of the rows of ``z`` in each group (columns of ``onehot``, sizes ``counts``; empty: 0)."""
+    return (onehot.transpose(-1, -2) @ z) / counts.clamp(min=1).unsqueeze(-1)
+
+
 def _group_whiten(
     z: torch.Tensor,
     group: torch.Tensor,
@@ -166,7 +171,7 @@ def _group_whiten(
     if onehot is None:
         onehot = F.one_hot(group, max(1, n_groups)).to(z.dtype)
     counts = onehot.sum(0)
-    zc = z - onehot @ ((onehot.T @ z) / counts.clamp(min=1).unsqueeze(-1))
+    zc = z - onehot @ _group_means(onehot, z, counts)
     dof = max(1, z.shape[0] - int((counts > 0).sum()))
     cov = zc.T @ zc / dof
     scale = cov.diagonal().mean().clamp(min=1e-8)
@@ -195,7 +200,7 @@ def _class_mean_spread(
         onehot = F.one_hot(target, n_classes).to(z.dtype)
     counts = onehot.sum(0)
     zc = z - z.mean(0, keepdim=True)
-    means = (onehot.T @ zc) / counts.clamp(min=1).unsqueeze(-1)
+    means = _group_means(onehot, zc, counts)
     return ((counts / z.shape[0]).unsqueeze(-1) * means.pow(2)).sum()
 
 
@@ -238,7 +243,7 @@ def _kernel_leak(
     zs = z / z.detach().std(-2, keepdim=True).clamp(min=1e-6)
     # centred within groups first: distances inside a group are unchanged, and the small
     # within-group differences do not drown in float32 rounding of the group offsets
-    zs = zs - og @ ((ogt @ zs) / counts.clamp(min=1.0).unsqueeze(-1))
+    zs = zs - og @ _group_means(og, zs, counts)
     sq = zs.pow(2).sum(-1)
     d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * zs @ zs.transpose(-1, -2)).clamp(min=0.0)
     same = og @ ogt  # 1 for two cells of the same group (both kept)
@@ -260,7 +265,7 @@ def _kernel_leak(
     def centre(a):
         a = a * same
         r = a.sum(-1) / n_row
-        m = (og @ ((ogt @ r.unsqueeze(-1)) / counts.clamp(min=1.0).unsqueeze(-1))).squeeze(-1)
+        m = (og @ _group_means(og, r.unsqueeze(-1), counts)).squeeze(-1)
         return (a - r.unsqueeze(-1) - r.unsqueeze(-2) + m.unsqueeze(-1)) * same
 
     kc, lc = centre(k), centre(lab)
