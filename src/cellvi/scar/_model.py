@@ -1007,8 +1007,7 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
 def _nonzeros(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Values (int32), column indices (int32) and per-row counts of the non-zeros of a dense 2-D array."""
     flat = np.flatnonzero(a)
-    rows, cols = np.divmod(flat, a.shape[1])
-    return a.ravel()[flat].astype(np.int32), cols.astype(np.int32), np.bincount(rows, minlength=a.shape[0])
+    return _nonzeros_at(a.ravel()[flat], flat, a.shape)
 
 
 def _nonzeros_at(values: np.ndarray, flat: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
