@@ -79,9 +79,16 @@ def test_epoch_history_gives_scvi_tools_tables():
         pd.testing.assert_frame_equal(ours.data[key], theirs.astype("float64"))
 
 
-def test_training_history_is_recorded_by_epoch_history():
+@pytest.fixture(scope="module")
+def trained_velovi():
+    """One short VELOVI training with early stopping (3 epochs: the patience is never reached)."""
     model = _velovi()
-    model.train(max_epochs=3, batch_size=64, enable_progress_bar=False)
+    model.train(max_epochs=3, batch_size=64, enable_progress_bar=False, early_stopping=True)
+    return model
+
+
+def test_training_history_is_recorded_by_epoch_history(trained_velovi):
+    model = trained_velovi
     from cellvi._training import EpochHistory
 
     assert isinstance(model.trainer.logger.experiment, EpochHistory)
@@ -90,12 +97,10 @@ def test_training_history_is_recorded_by_epoch_history():
     assert elbo["elbo_train"].dtype == np.float64 and np.isfinite(elbo.to_numpy()).all()
 
 
-def test_epoch_metrics_reach_callbacks_progress_bar_and_loggers():
+def test_epoch_metrics_reach_callbacks_progress_bar_and_loggers(trained_velovi):
     # the plan hands its epoch values to Lightning directly (not through self.log): early stopping,
     # checkpoints and schedulers read trainer.callback_metrics, the bar reads progress_bar_metrics
-    model = _velovi()
-    model.train(max_epochs=3, batch_size=64, enable_progress_bar=False, early_stopping=True)
-    trainer, history = model.trainer, model.history
+    trainer, history = trained_velovi.trainer, trained_velovi.history
     for key in ("elbo_validation", "elbo_train", "train_loss", "validation_loss", "kl_weight"):
         assert key in trainer.callback_metrics, key
         assert float(trainer.callback_metrics[key]) == pytest.approx(float(history[key].iloc[-1, 0])), key
