@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -82,6 +83,20 @@ def measure(fn: Callable[[], Any], interval: float = 0.01) -> Measurement:
         sampler.join()
     peak[0] = max(peak[0], _rss_mb())
     return Measurement(out, wall, cpu, max(0.0, peak[0] - start))
+
+
+def at_least_as_good(q: dict) -> bool | None:
+    """Whether cellvi's value of a quality row is at least as good as the original's (None: no original)."""
+    c, o = q.get("cellvi"), q.get("original")
+    if (
+        c is None
+        or o is None
+        or (isinstance(o, float) and math.isnan(o))
+        or (isinstance(c, float) and math.isnan(c))
+    ):
+        return None
+    tol = q.get("tolerance", 0.0)
+    return c >= o - tol if q.get("better", "higher") == "higher" else c <= o + tol
 
 
 @dataclass

@@ -160,7 +160,7 @@ def _inner(args) -> None:
 
     torch.set_num_threads(1)
     import scvi
-    from _common import Report, measure
+    from _common import Report, at_least_as_good, measure
 
     from cellvi.fadvi import FADVI as CellFADVI
 
@@ -227,9 +227,8 @@ def _inner(args) -> None:
     c, f = mean["cellvi"], mean["fadvi"]
 
     def as_good(key, better):
-        if better == "higher":
-            return c[key] >= f[key] - _TOLERANCE
-        return c[key] <= f[key] + _TOLERANCE
+        row = {"cellvi": c[key], "original": f[key], "better": better, "tolerance": _TOLERANCE}
+        return bool(at_least_as_good(row))
 
     table = pd.DataFrame(
         {

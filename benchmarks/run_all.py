@@ -37,6 +37,8 @@ import threading
 import time
 from pathlib import Path
 
+from _common import at_least_as_good
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LOCK = "/tmp/cellvi-bench.lock"
@@ -146,20 +148,6 @@ def _md_table(columns: list[str], rows: list[list]) -> list[str]:
     for row in rows:
         lines.append("| " + " | ".join(_num(c) if not isinstance(c, str) else c for c in row) + " |")
     return lines
-
-
-def at_least_as_good(q: dict) -> bool | None:
-    """Whether cellvi's value of a quality row is at least as good as the original's (None: no original)."""
-    c, o = q.get("cellvi"), q.get("original")
-    if (
-        c is None
-        or o is None
-        or (isinstance(o, float) and math.isnan(o))
-        or (isinstance(c, float) and math.isnan(c))
-    ):
-        return None
-    tol = q.get("tolerance", 0.0)
-    return c >= o - tol if q.get("better", "higher") == "higher" else c <= o + tol
 
 
 def _is_tie(q: dict) -> bool:
