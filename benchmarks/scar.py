@@ -43,17 +43,39 @@ def _simulate(args):
     )
 
 
-def _memory_worker(args) -> None:
-    """One side, one step, in a fresh process: print the peak memory growth (MiB) as JSON."""
-    side, step = args.memory_worker.split(":")
+def _setup(args) -> None:
+    """One torch thread, quiet Lightning, the run's seed, no loader workers (main run and memory workers)."""
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     import scvi
 
-    import cellvi
-
     scvi.settings.seed = args.seed
     scvi.settings.dl_num_workers = 0
+
+
+def _make_model(side: str, adata, profile, likelihood: str):
+    """``scvi.external.SCAR`` (side ``"scvi"``) or ``cellvi.SCAR`` set up on ``adata`` with ``profile``."""
+    import scvi
+
+    import cellvi
+
+    cls = scvi.external.SCAR if side == "scvi" else cellvi.SCAR
+    cls.setup_anndata(adata)
+    return cls(adata, ambient_profile=profile, gene_likelihood=likelihood)
+
+
+def _train(model, args) -> None:
+    model.train(max_epochs=args.epochs, batch_size=128, enable_progress_bar=False)
+
+
+def _memory_worker(args) -> None:
+    """One side, one step, in a fresh process: print the peak memory growth (MiB) as JSON."""
+    side, step = args.memory_worker.split(":")
+    _setup(args)
+    import scvi
+
+    import cellvi
+
     adata, raw = _simulate(args)
     out = {}
     if step == "profile":
@@ -63,16 +85,8 @@ def _memory_worker(args) -> None:
             fn = lambda: cellvi.SCAR.get_ambient_profile(adata, raw)
         out["get_ambient_profile"] = measure(fn).peak_mb
     else:
-        prof = np.load(args.profile)
-        if side == "scvi":
-            scvi.external.SCAR.setup_anndata(adata)
-            model = scvi.external.SCAR(adata, ambient_profile=prof, gene_likelihood=args.likelihood)
-        else:
-            cellvi.SCAR.setup_anndata(adata)
-            model = cellvi.SCAR(adata, ambient_profile=prof, gene_likelihood=args.likelihood)
-        out["training"] = measure(
-            lambda: model.train(max_epochs=args.epochs, batch_size=128, enable_progress_bar=False)
-        ).peak_mb
+        model = _make_model(side, adata, np.load(args.profile), args.likelihood)
+        out["training"] = measure(lambda: _train(model, args)).peak_mb
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out["get_denoised_counts"] = measure(model.get_denoised_counts).peak_mb
@@ -80,25 +94,15 @@ def _memory_worker(args) -> None:
 
 
 def _memory(args, side: str, step: str, profile_path: str) -> dict:
+    # the run's own options (data, epochs, likelihood, seed); the worker returns before --json is read
     cmd = [
         sys.executable,
         __file__,
+        *sys.argv[1:],
         "--memory-worker",
         f"{side}:{step}",
         "--profile",
         profile_path,
-        "--n-cells",
-        str(args.n_cells),
-        "--n-genes",
-        str(args.n_genes),
-        "--n-empty",
-        str(args.n_empty),
-        "--epochs",
-        str(args.epochs),
-        "--likelihood",
-        args.likelihood,
-        "--seed",
-        str(args.seed),
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("MEMORY ")]
@@ -141,15 +145,12 @@ def main() -> None:
         },
     )
 
-    torch.set_num_threads(1)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    _setup(args)
     import scvi
 
     import cellvi
     from cellvi.scar._metrics import ambient_removal_summary, profile_match
 
-    scvi.settings.seed = args.seed
-    scvi.settings.dl_num_workers = 0
     adata, raw = _simulate(args)
     true_prof = adata.varm["ambient_profile_true"][:, 0]
     print(
@@ -189,18 +190,9 @@ def main() -> None:
     for name in ("scvi", "cellvi"):
         scvi.settings.seed = args.seed
         a = adata.copy()
-        if name == "scvi":
-            scvi.external.SCAR.setup_anndata(a)
-            model = scvi.external.SCAR(
-                a, ambient_profile=prof.to_numpy()[:, 0], gene_likelihood=args.likelihood
-            )
-        else:
-            cellvi.SCAR.setup_anndata(a)
-            model = cellvi.SCAR(a, ambient_profile=prof, gene_likelihood=args.likelihood)
+        model = _make_model(name, a, prof.to_numpy()[:, 0] if name == "scvi" else prof, args.likelihood)
         models[name] = model
-        _, wall, cpu, _ = timed(
-            lambda m=model: m.train(max_epochs=args.epochs, batch_size=128, enable_progress_bar=False)
-        )
+        _, wall, cpu, _ = timed(lambda m=model: _train(m, args))
         n_seen = args.epochs * round(0.9 * a.n_obs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
