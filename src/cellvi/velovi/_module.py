@@ -8,6 +8,7 @@ so posterior samples are drawn in one batched pass.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import torch
@@ -348,24 +349,25 @@ def _flat_apply(fn, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*lead, out.shape[-1])
 
 
-def _fc_forward(fc: FCLayers, x: torch.Tensor) -> torch.Tensor:
-    """``fc(x)`` for 2-D ``x`` without covariates; in eval mode without autograd, folded into fewer passes.
+def _fold_fc(fc: FCLayers) -> list[tuple]:
+    """The layers of ``fc`` (eval mode, no covariates) folded into fewer passes, for :func:`_apply_folded`.
 
-    Each ``Linear`` followed by ``BatchNorm1d`` runs as one affine map (running statistics folded into the
+    Each ``Linear`` followed by ``BatchNorm1d`` becomes one affine map (running statistics folded into the
     weights). A following ``LayerNorm`` without affine parameters centres each row, which is linear: the
     centring is folded into the weights too (rows of the weight and the bias minus their means over the
     output units), leaving one scale per row, ``1 / sqrt(mean(x^2) + eps)``, applied after the ReLU (it
     is positive). The same function to float rounding, with two passes over the ``(cells, n_hidden)``
-    activations (norm, scale with ReLU) instead of four (batch norm, layer norm, ReLU).
+    activations (norm, scale with ReLU) instead of four (batch norm, layer norm, ReLU). Each entry is
+    ``(weight, bias, layer_norm_eps or None, relu, remaining layers)``, or ``(layers,)`` for a layer
+    that is not folded.
     """
-    if fc.training or torch.is_grad_enabled() or any(n > 1 for n in fc.n_cat_list):
-        return fc(x)
+    steps = []
     for layers in fc.fc_layers:
         linear, bn, *rest = layers
         if not isinstance(linear, nn.Linear) or (
             bn is not None and not (isinstance(bn, nn.BatchNorm1d) and bn.running_var is not None)
         ):
-            x = layers(x)
+            steps.append((layers,))
             continue
         weight, bias = linear.weight, linear.bias
         if bn is not None:
@@ -375,20 +377,33 @@ def _fc_forward(fc: FCLayers, x: torch.Tensor) -> torch.Tensor:
                 scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
             bias = shift if bias is None else torch.addcmul(shift, bias, scale)
             weight = weight * scale.unsqueeze(1)
-        ln = rest[0] if rest else None
+        ln, relu = rest[0] if rest else None, False
         if isinstance(ln, nn.LayerNorm) and ln.weight is None and len(ln.normalized_shape) == 1:
             rest = rest[1:]
             weight = weight - weight.mean(0)
             bias = None if bias is None else bias - bias.mean()
-            x = F.linear(x, weight, bias)  # rows centred
+            relu = bool(rest) and type(rest[0]) is nn.ReLU
+            rest = rest[1:] if relu else rest
+            steps.append((weight, bias, ln.eps, relu, rest))
+        else:
+            steps.append((weight, bias, None, False, rest))
+    return steps
+
+
+def _apply_folded(steps: list[tuple], x: torch.Tensor) -> torch.Tensor:
+    """Run 2-D ``x`` through the layers folded by :func:`_fold_fc`."""
+    for step in steps:
+        if len(step) == 1:
+            x = step[0](x)
+            continue
+        weight, bias, ln_eps, relu, rest = step
+        x = F.linear(x, weight, bias)  # rows centred when ln_eps is set
+        if ln_eps is not None:
             inv_sd = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-            inv_sd = inv_sd.square_().div_(x.shape[-1]).add_(ln.eps).rsqrt_()
-            if rest and type(rest[0]) is nn.ReLU:
-                rest = rest[1:]
+            inv_sd = inv_sd.square_().div_(x.shape[-1]).add_(ln_eps).rsqrt_()
+            if relu:
                 x.relu_()
             x.mul_(inv_sd)
-        else:
-            x = F.linear(x, weight, bias)
         for layer in rest:
             if layer is not None:
                 x = layer(x)
@@ -508,7 +523,7 @@ class DecoderVELOVI(nn.Module):
             mask = torch.zeros_like(z)
             mask[..., latent_dim] = 1
             z_rho = z * mask
-        rho_first = _flat_apply(lambda x: _fc_forward(self.rho_first_decoder, x), z_rho)
+        rho_first = _flat_apply(self.rho_first_decoder, z_rho)
         if self.linear_decoder:
             px_rho = torch.sigmoid(rho_first)
             px_tau = 1 - torch.sigmoid(
@@ -517,7 +532,7 @@ class DecoderVELOVI(nn.Module):
         else:
             px_rho = torch.sigmoid(self.px_rho_decoder(rho_first))
             px_tau = torch.sigmoid(self.px_tau_decoder(rho_first))
-        pi_first = _flat_apply(lambda x: _fc_forward(self.pi_first_decoder, x), z)
+        pi_first = _flat_apply(self.pi_first_decoder, z)
         px_pi = F.softplus(self.px_pi_decoder(pi_first))
         px_pi = px_pi.reshape(*px_pi.shape[:-1], self.n_output, 4)
         return px_pi, px_rho, px_tau
@@ -536,19 +551,27 @@ class DecoderVELOVI(nn.Module):
         n = rows.shape[0]
         px_pi = torch.empty((n, 4 * g), dtype=z.dtype, device=z.device)
         rho_tau = torch.empty((n, 2 * g), dtype=z.dtype, device=z.device)
-        if not self.linear_decoder:
+        if self.linear_decoder:
+            tau_scale = self.linear_scaling_tau.exp()
+        else:
             weight = torch.cat([self.px_rho_decoder.weight, self.px_tau_decoder.weight])
             bias = torch.cat([self.px_rho_decoder.bias, self.px_tau_decoder.bias])
+        # the decoders' weights folded once for all blocks (or their own forward with covariates)
+        rho_fc, pi_fc = self.rho_first_decoder, self.pi_first_decoder
+        rho_net = (
+            rho_fc if any(k > 1 for k in rho_fc.n_cat_list) else partial(_apply_folded, _fold_fc(rho_fc))
+        )
+        pi_net = pi_fc if any(k > 1 for k in pi_fc.n_cat_list) else partial(_apply_folded, _fold_fc(pi_fc))
         for start in range(0, n, _DECODE_ROWS):
             block = slice(start, start + _DECODE_ROWS)
-            rho_first = _fc_forward(self.rho_first_decoder, rows_rho[block])
+            rho_first = rho_net(rows_rho[block])
             if self.linear_decoder:
                 rho_tau[block, :g] = torch.sigmoid(rho_first)
-                tau = rho_first * self.linear_scaling_tau.exp() + self.linear_scaling_tau_intercept
+                tau = rho_first * tau_scale + self.linear_scaling_tau_intercept
                 rho_tau[block, g:] = 1 - torch.sigmoid(tau)
             else:
                 torch.sigmoid(F.linear(rho_first, weight, bias), out=rho_tau[block])
-            pi_first = _fc_forward(self.pi_first_decoder, rows[block])
+            pi_first = pi_net(rows[block])
             px_pi[block] = F.softplus(self.px_pi_decoder(pi_first))
         rho_tau = rho_tau.view(*lead, 2 * g)
         return px_pi.view(*lead, g, 4), rho_tau[..., :g], rho_tau[..., g:]
