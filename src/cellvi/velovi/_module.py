@@ -758,10 +758,8 @@ class VELOVAE(BaseModuleClass):
         a1, lam = (r["alpha_1"], r["lambda_alpha"]) if time_dep else (None, None)
         t_s = self.switch_time()
         t_ind = px_rho * t_s
-        tau_rep = (self.t_max - t_s) * px_tau
         u_ind, s_ind = induction(alpha, beta, gamma, t_ind, a1, lam)
-        u_sw, s_sw = induction(alpha, beta, gamma, t_s, a1, lam)
-        u_rep, s_rep = repression(u_sw, s_sw, beta, gamma, tau_rep)
+        tau_rep, u_sw, s_sw, u_rep, s_rep = self._repression_branch(r, t_s, px_tau, a1, lam)
         alpha_ss = r["alpha_1"] if time_dep else alpha
         return {
             "t_s": t_s,
@@ -778,6 +776,16 @@ class VELOVAE(BaseModuleClass):
             "alpha_t": transcription_rate(alpha, t_ind, a1, lam),
             **r,
         }
+
+    def _repression_branch(
+        self, r: dict[str, torch.Tensor], t_s: torch.Tensor, px_tau: torch.Tensor, a1=None, lam=None
+    ):
+        """Time into repression ``tau (t_max - t_s)``, the abundances at the switch ``t_s`` and in repression."""
+        alpha, beta, gamma = r["alpha"], r["beta"], r["gamma"]
+        tau_rep = (self.t_max - t_s) * px_tau
+        u_sw, s_sw = induction(alpha, beta, gamma, t_s, a1, lam)
+        u_rep, s_rep = repression(u_sw, s_sw, beta, gamma, tau_rep)
+        return tau_rep, u_sw, s_sw, u_rep, s_rep
 
     def state_means(self, k: dict[str, torch.Tensor]) -> torch.Tensor:
         """Means ``(2, ..., G, 4)`` of unspliced (index 0) and spliced (index 1) in the four states."""
@@ -964,8 +972,7 @@ class VELOVAE(BaseModuleClass):
         alpha, beta, gamma = r["alpha"], r["beta"], r["gamma"]
         t_s = self.switch_time()
         v_ind = exp_diff(gamma, beta, px_rho * t_s) * (alpha * beta)
-        u_sw, s_sw = induction(alpha, beta, gamma, t_s)
-        u_rep, s_rep = repression(u_sw, s_sw, beta, gamma, (self.t_max - t_s) * px_tau)
+        _, _, _, u_rep, s_rep = self._repression_branch(r, t_s, px_tau)
         return v_ind, beta * u_rep - gamma * s_rep
 
     def expression_fit(self, generative_outputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
