@@ -11,6 +11,18 @@ import torch
 EPS = 1e-6
 
 
+#: rate differences below this use the second-order limit in :func:`exp_diff`
+_NEAR_EQUAL = 1e-4
+
+
+def _expm1_only(d: torch.Tensor, small: torch.Tensor | None = None) -> bool:
+    """Inference with per-gene rate differences ``d``, none near-equal (``small``, computed when not
+    given, all False): the ``expm1`` formula alone gives the value (no limit branch to keep)."""
+    if torch.is_grad_enabled() or d.dim() > 1:
+        return False
+    return not bool((d.abs() < _NEAR_EQUAL if small is None else small).any())
+
+
 def exp_diff(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``(exp(-a t) - exp(-b t)) / (b - a)``, finite and exact as ``a -> b`` (limit ``t exp(-a t)``).
 
@@ -18,8 +30,8 @@ def exp_diff(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     ``gamma - beta = -1e-6``; ``expm1`` with an explicit second-order limit avoids both.
     """
     d = b - a
-    small = d.abs() < 1e-4
-    if not torch.is_grad_enabled() and d.dim() <= 1 and not bool(small.any()):
+    small = d.abs() < _NEAR_EQUAL
+    if _expm1_only(d, small):
         # inference with per-gene rates, none near-equal: the expm1 branch alone (the same values;
         # 6 instead of 12 passes over t's (samples, cells, genes))
         neg_d = -d
@@ -69,7 +81,7 @@ def repression(
     """``(u, s)`` a time ``tau`` after transcription stopped at ``(u0, s0)``."""
     u = u0 * torch.exp(-beta * tau)
     d = beta - gamma
-    if not torch.is_grad_enabled() and d.dim() <= 1 and not bool((d.abs() < 1e-4).any()):
+    if _expm1_only(d):
         # inference, per-gene rates, none near-equal: exp(-gamma tau) once,
         # s = exp(-gamma tau) (s0 + beta u0 (1 - exp(-d tau)) / d) (the same value as below)
         neg_d = -d
