@@ -238,7 +238,7 @@ def test_group_whitening_measures_leaks_along_small_directions():
     z = big + small + noise + 5.0 * group[:, None].float()
     onehot = torch.nn.functional.one_hot(group, 3).float()
     # zero group means, identity pooled within-group covariance (up to the ridge)
-    exact = _group_whiten(z.double(), group, 3, ridge=1e-9)
+    exact = _group_whiten(z.double(), onehot.double(), ridge=1e-9)
     torch.testing.assert_close(
         onehot.double().T @ exact / 200, torch.zeros(3, d, dtype=torch.float64), atol=1e-6, rtol=0
     )
@@ -246,18 +246,19 @@ def test_group_whitening_measures_leaks_along_small_directions():
         exact.T @ exact / (n - 3), torch.eye(d, dtype=torch.float64), atol=1e-3, rtol=0
     )
     # the ridge (relative to the mean variance, here ~100) damps directions far smaller than it
-    w = _group_whiten(z, group, 3, ridge=1e-5)
+    w = _group_whiten(z, onehot, ridge=1e-5)
     # column scaling (the adversaries' view before): the label is almost invisible
     zc = z - onehot @ (onehot.T @ z / onehot.sum(0)[:, None])
     cols = zc / zc.std(0, keepdim=True)
-    seen_cols = float(_class_mean_spread(cols, label, 2, None))
-    seen_white = float(_class_mean_spread(w, label, 2, None))
+    oh_label = torch.nn.functional.one_hot(label, 2).float()
+    seen_cols = float(_class_mean_spread(cols, oh_label))
+    seen_white = float(_class_mean_spread(w, oh_label))
     assert seen_white > 0.3 and seen_white > 10 * seen_cols, (seen_white, seen_cols)
     # gradients flow (the encoders are trained through it); one cell: no signal, no error
     z.requires_grad_(True)
-    _class_mean_spread(_group_whiten(z, group, 3), label, 2, None).backward()
+    _class_mean_spread(_group_whiten(z, onehot), oh_label).backward()
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
-    assert float(_group_whiten(z[:1], group[:1], 3).abs().sum()) == 0.0
+    assert float(_group_whiten(z[:1], onehot[:1]).abs().sum()) == 0.0
 
 
 def test_kernel_leak_reads_clusters_that_class_means_miss():
@@ -287,7 +288,7 @@ def test_kernel_leak_reads_clusters_that_class_means_miss():
     # the linear view of the same block sees nothing: the class means coincide within groups
     zc = z - one_hot(group, 3).float() @ (one_hot(group, 3).float().T @ z / 80)
     zc = zc[:, :2] / zc[:, :2].std(0)
-    assert float(_class_mean_spread(zc, label, 2, None)) < 0.02
+    assert float(_class_mean_spread(zc, oh_y.float())) < 0.02
     # masked cells take no part; a group with one class only, or fewer than four cells, is skipped
     keep = torch.arange(n) < 120
     assert float(_kernel_leak(z, oh_g, oh_y, keep)) == pytest.approx(

@@ -174,10 +174,11 @@ def test_fused_training_step_equals_separate_calls(n_lab, cat):
         torch.testing.assert_close(g1[name], g, rtol=1e-7, atol=1e-7 * scale, msg=name)
 
 
-def test_closed_form_kl_and_shared_one_hots_equal_the_reference():
+def test_closed_form_kl_and_stacked_leak_terms_equal_the_reference():
     from torch.distributions import Normal, kl_divergence
+    from torch.nn.functional import one_hot
 
-    from cellvi.fadvi._module import _class_mean_spread, _group_whiten, _kl_unit_normal
+    from cellvi.fadvi._module import _class_mean_spread, _group_whiten, _kl_unit_normal, _pad_columns
 
     gen = torch.Generator().manual_seed(0)
     loc, scale = torch.randn(20, 5, generator=gen), torch.rand(20, 5, generator=gen) + 0.1
@@ -188,15 +189,52 @@ def test_closed_form_kl_and_shared_one_hots_equal_the_reference():
     torch.testing.assert_close(
         _kl_unit_normal(loc, scale), kl_divergence(Normal(loc, scale), Normal(0.0, 1.0))
     )
-    group = torch.randint(0, 3, (20,), generator=gen)
-    target = torch.randint(0, 4, (20,), generator=gen)
-    mask = torch.rand(20, generator=gen) > 0.3
-    oh_g, oh_t = torch.nn.functional.one_hot(group, 3).float(), torch.nn.functional.one_hot(target, 4).float()
-    torch.testing.assert_close(_group_whiten(loc, group, 3, 1e-2, oh_g), _group_whiten(loc, group, 3, 1e-2))
-    for m in (None, mask):
-        torch.testing.assert_close(
-            _class_mean_spread(loc, target, 4, m, oh_t), _class_mean_spread(loc, target, 4, m)
+
+    def whiten_reference(z, group, ridge):
+        # centre within groups, Cholesky-whiten by the pooled covariance plus ridge x mean variance
+        means = torch.stack([z[group == g].mean(0) if (group == g).any() else z[0] * 0 for g in range(6)])
+        zc = z - means[group]
+        cov = zc.T @ zc / (len(z) - len(group.unique()))
+        cov = cov + (ridge * cov.diagonal().mean() + 1e-6) * torch.eye(z.shape[1], dtype=z.dtype)
+        return zc @ torch.linalg.inv(torch.linalg.cholesky(cov)).T
+
+    def spread_reference(z, target, mask):
+        z, target = (z, target) if mask is None else (z[mask], target[mask])
+        classes = target.unique()
+        if len(z) < 2 or len(classes) < 2:
+            return torch.zeros((), dtype=z.dtype)
+        return sum(
+            (target == c).double().mean() * (z[target == c].mean(0) - z.mean(0)).pow(2).sum() for c in classes
         )
+
+    n = 40
+    blocks = [
+        torch.randn(n, d, generator=gen, dtype=torch.float64)
+        * torch.rand(d, generator=gen, dtype=torch.float64)
+        for d in (5, 3, 2)
+    ]
+    groups = [torch.randint(0, k, (n,), generator=gen) for k in (3, 6, 1)]
+    ohs = [one_hot(g, k).double() for g, k in zip(groups, (3, 6, 1))]
+    white = _group_whiten(_pad_columns(*blocks), _pad_columns(*ohs), 1e-2, torch.tensor([5, 3, 2]))
+    for i, (z, g) in enumerate(zip(blocks, groups)):
+        d = z.shape[1]
+        torch.testing.assert_close(white[i, :, :d], whiten_reference(z, g, 1e-2))
+        assert float(white[i, :, d:].abs().sum()) == 0.0  # padding stays zero
+        torch.testing.assert_close(_group_whiten(z, ohs[i], 1e-2), white[i, :, :d])
+    # class-mean spreads, stacked, with cells left out by zero one-hot rows
+    target = torch.randint(0, 4, (n,), generator=gen)
+    mask = torch.rand(n, generator=gen) > 0.3
+    oh_t = one_hot(target, 4).double()
+    got = _class_mean_spread(white[[0, 0, 1]], torch.stack([oh_t, oh_t * mask[:, None], oh_t]))
+    want = [
+        spread_reference(white[0], target, None),
+        spread_reference(white[0], target, mask),
+        spread_reference(white[1], target, None),
+    ]
+    torch.testing.assert_close(got, torch.stack(want))
+    # fewer than two cells or one class: nothing to spread
+    assert float(_class_mean_spread(white[0, :1], oh_t[:1])) == 0.0
+    assert float(_class_mean_spread(white[0], torch.ones(n, 1, dtype=torch.float64))) == 0.0
 
 
 def test_dual_head_equals_detached_and_frozen_calls():

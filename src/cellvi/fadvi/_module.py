@@ -147,11 +147,7 @@ def _group_means(onehot: torch.Tensor, z: torch.Tensor, counts: torch.Tensor) ->
 
 
 def _group_whiten(
-    z: torch.Tensor,
-    group: torch.Tensor,
-    n_groups: int,
-    ridge: float = 1e-2,
-    onehot: torch.Tensor | None = None,
+    z: torch.Tensor, onehot: torch.Tensor, ridge: float = 1e-2, dims: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Centre within each group (minibatch group means) and whiten by the pooled within-group covariance.
 
@@ -165,43 +161,39 @@ def _group_whiten(
     invertible and stops near-empty directions from being amplified without bound (1e-3 let the
     encoders trade leaks between blocks; see :class:`FADVAE`). The covariance is not detached:
     with it detached the whitened terms' gradients blew training up.
+
+    ``onehot``: the groups, ``(n, G)``. Blocks may be stacked (``z`` ``(P, n, d)``, ``onehot``
+    ``(P, n, G)``, both zero-padded to a common width, :func:`_pad_columns`): one batched pass,
+    each block whitened on its own; ``dims`` ``(P,)`` are the blocks' own widths, over which the
+    mean variance of the ridge is taken (padding columns come back zero).
     """
-    if z.shape[0] < 2:
+    if z.shape[-2] < 2:
         return z - z.detach()
-    if onehot is None:
-        onehot = F.one_hot(group, max(1, n_groups)).to(z.dtype)
-    counts = onehot.sum(0)
+    counts = onehot.sum(-2)
     zc = z - onehot @ _group_means(onehot, z, counts)
-    dof = max(1, z.shape[0] - int((counts > 0).sum()))
-    cov = zc.T @ zc / dof
-    scale = cov.diagonal().mean().clamp(min=1e-8)
-    cov = cov + (ridge * scale + 1e-6) * torch.eye(cov.shape[0], dtype=z.dtype, device=z.device)
+    dof = (z.shape[-2] - (counts > 0).sum(-1)).clamp(min=1).to(z.dtype)  # (P,) or ()
+    cov = zc.transpose(-1, -2) @ zc / dof[..., None, None]
+    width = z.shape[-1] if dims is None else dims.to(z.dtype)
+    scale = (cov.diagonal(dim1=-2, dim2=-1).sum(-1) / width).clamp(min=1e-8)
+    eye = torch.eye(cov.shape[-1], dtype=z.dtype, device=z.device)
+    cov = cov + (ridge * scale + 1e-6)[..., None, None] * eye
     chol = torch.linalg.cholesky(cov)
-    return torch.linalg.solve_triangular(chol, zc.T, upper=False).T
+    return torch.linalg.solve_triangular(chol, zc.transpose(-1, -2), upper=False).transpose(-1, -2)
 
 
-def _class_mean_spread(
-    z: torch.Tensor,
-    target: torch.Tensor,
-    n_classes: int,
-    mask: torch.Tensor | None,
-    onehot: torch.Tensor | None = None,
-):
+def _class_mean_spread(z: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
     """Between-class variance of a whitened block: ``sum_c w_c ||mean_c(z) - mean(z)||^2``.
 
-    ``onehot``: ``one_hot(target, n_classes)`` in ``z``'s dtype, when the caller has it already.
+    ``onehot``: the classes, ``(n, C)``; a cell left out (e.g. unlabelled) has a zero row. Means
+    and weights ``w_c = n_c / n`` are over the cells kept; 0 with fewer than two classes present.
+    Stacked blocks (``z`` ``(P, n, d)``, ``onehot`` ``(P, n, C)``) give ``(P,)``.
     """
-    if mask is not None:
-        z, target = z[mask], target[mask]
-        onehot = None if onehot is None else onehot[mask]
-    if z.shape[0] < 2 or n_classes < 2:
-        return z.sum() * 0.0
-    if onehot is None:
-        onehot = F.one_hot(target, n_classes).to(z.dtype)
-    counts = onehot.sum(0)
-    zc = z - z.mean(0, keepdim=True)
-    means = _group_means(onehot, zc, counts)
-    return ((counts / z.shape[0]).unsqueeze(-1) * means.pow(2)).sum()
+    counts = onehot.sum(-2)  # (..., C)
+    n = counts.sum(-1, keepdim=True).clamp(min=1)  # (..., 1)
+    sums = onehot.transpose(-1, -2) @ z  # (..., C, d)
+    mean = sums.sum(-2, keepdim=True) / n.unsqueeze(-1)
+    dev = sums / counts.clamp(min=1).unsqueeze(-1) - mean  # empty classes weigh 0 below
+    return ((counts / n).unsqueeze(-1) * dev.pow(2)).sum((-1, -2))
 
 
 def _kernel_leak(
@@ -1146,24 +1138,32 @@ class FADVAE(BaseModuleClass):
         # the one-hots of the groups, built once per step
         dt = qb.loc.dtype
         oh_s, oh_y = F.one_hot(s, B).to(dt), F.one_hot(y_all, K).to(dt)
-        mb = _group_whiten(qb.loc, s, B, self.whiten_ridge, oh_s)
-        ml = _group_whiten(ql_.loc, y_all, K, self.whiten_ridge, oh_y)
-        mr = _group_whiten(qr.loc, torch.zeros_like(s), 1, self.whiten_ridge, torch.ones_like(oh_s[:, :1]))
+        # the three blocks whitened in one stacked pass (zero-padded to a common width)
+        dims = (self.n_latent_b, self.n_latent_l, self.n_latent_r)
+        white = _group_whiten(
+            _pad_columns(qb.loc, ql_.loc, qr.loc),
+            _pad_columns(oh_s, oh_y, torch.ones_like(oh_s[:, :1])),
+            self.whiten_ridge,
+            torch.tensor(dims, device=qb.loc.device),
+        )
+        mb, ml, mr = (white[i, :, :d] for i, d in enumerate(dims))
         # linear leakage is measured within each (label, batch) cell of the table: z_l must not
-        # differ between batches within a label, nor z_b between labels within a batch
+        # differ between batches within a label, nor z_b between labels within a batch. The spread
+        # between (label, batch) cells is the spread of labels within batches for z_b (its batch
+        # means are zero after whitening within batches) and of batches within labels for z_l.
+        # "rl" reads the labelled cells only (where y_safe equals y_all), "rb" every cell.
         joint = y_all * B + s
         oh_joint = F.one_hot(joint, K * B).to(dt)
-        # y_safe equals y_all on the labelled cells (the only ones the "rl" term reads)
-        spread = {
-            # between (label, batch) cells minus between batches = labels within batches
-            "bl": _class_mean_spread(mb, joint, K * B, None, oh_joint)
-            - _class_mean_spread(mb, s, B, None, oh_s),
-            # between (label, batch) cells minus between labels = batches within labels
-            "lb": _class_mean_spread(ml, joint, K * B, None, oh_joint)
-            - _class_mean_spread(ml, y_all, K, None, oh_y),
-            "rb": _class_mean_spread(mr, s, B, None, oh_s),
-            "rl": _class_mean_spread(mr, y_safe, K, labeled, oh_y),
-        }
+        spread = dict(
+            zip(
+                ("bl", "lb", "rb", "rl"),
+                _class_mean_spread(
+                    white[[0, 1, 2, 2]],
+                    _pad_columns(oh_joint, oh_joint, oh_s, oh_y * labeled.unsqueeze(-1).to(dt)),
+                ),
+                strict=True,
+            )
+        )
         # and the part a nearest-neighbour probe reads, linear or not and at any scale: cells of one
         # label closer together inside their batch in z_b, of one batch inside their label in z_l
         # (kernel alignment within groups; on the batch-free z_r it did not help, see Notes). The
