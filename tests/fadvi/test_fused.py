@@ -232,6 +232,11 @@ def test_closed_form_kl_and_stacked_leak_terms_equal_the_reference():
         spread_reference(white[1], target, None),
     ]
     torch.testing.assert_close(got, torch.stack(want))
+    # the one-hots of registry codes, without F.one_hot's range check
+    from cellvi.fadvi._module import _one_hot
+
+    for idx in (target, target[:, None]):
+        torch.testing.assert_close(_one_hot(idx, 5, torch.float64), one_hot(target, 5).double())
     # fewer than two cells or one class: nothing to spread
     assert float(_class_mean_spread(white[0, :1], oh_t[:1])) == 0.0
     assert float(_class_mean_spread(white[0], torch.ones(n, 1, dtype=torch.float64))) == 0.0

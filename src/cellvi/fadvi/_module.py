@@ -279,6 +279,12 @@ def _pad_columns(*xs: torch.Tensor) -> torch.Tensor:
     return torch.stack([F.pad(x, (0, width - x.shape[-1])) for x in xs])
 
 
+def _one_hot(index: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``F.one_hot(index, n)`` in ``dtype`` for registry codes known to lie in ``[0, n)``: one
+    comparison, without the range check's host synchronisation (several per training step)."""
+    return (index.reshape(-1, 1) == torch.arange(n, device=index.device)).to(dtype)
+
+
 def _zinb_log_prob_reference(x, mu, theta, zi_logits, eps: float = 1e-8) -> torch.Tensor:
     """ZINB log-likelihood per entry by autograd, equal to scvi-tools' ``log_zinb_positive`` (the reference
     for :class:`_ZINBLogProb`; used when ``x`` requires a gradient).
@@ -458,9 +464,7 @@ def _one_hots(fc: FCLayers, cats, dtype) -> torch.Tensor | None:
     parts = []
     for n_cat, cat in zip(fc.n_cat_list, cats, strict=False):
         if n_cat > 1:
-            parts.append(
-                cat.to(dtype) if cat.size(1) == n_cat else F.one_hot(cat.reshape(-1).long(), n_cat).to(dtype)
-            )
+            parts.append(cat.to(dtype) if cat.size(1) == n_cat else _one_hot(cat, n_cat, dtype))
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
@@ -919,7 +923,8 @@ class FADVAE(BaseModuleClass):
         computed in the same fused pass (``"qz_l_labelled_loc"``, read by :meth:`loss`).
         """
         post = self._posteriors(x, batch_index, cont_covs, cat_covs, labelled)
-        qs = {k: Normal(*post[k]) for k in BLOCKS}
+        # validated once, as qz (the blocks' parameters are its columns)
+        qs = {k: Normal(*post[k], validate_args=False) for k in BLOCKS}
         zs = {}
         for k, q in qs.items():
             if use_mean:
@@ -1011,7 +1016,7 @@ class FADVAE(BaseModuleClass):
         if not self.use_observed_lib_size:
             means, variances = self._library_prior(batch_index)
             pl = Normal(means, variances.sqrt())
-        pz = Normal(torch.zeros_like(z), torch.ones_like(z))
+        pz = Normal(torch.zeros_like(z), torch.ones_like(z), validate_args=False)
         return {MODULE_KEYS.PX_KEY: px, MODULE_KEYS.PL_KEY: pl, MODULE_KEYS.PZ_KEY: pz}
 
     def _theta_for_loss(self, px) -> torch.Tensor:
@@ -1096,9 +1101,10 @@ class FADVAE(BaseModuleClass):
         kl_l_all = 0.5 * ((ql_.loc.unsqueeze(1) - m_l.unsqueeze(0)).pow(2)).sum(-1) + (
             0.5 * (ql_.scale.pow(2) - 1.0) - torch.log(ql_.scale)
         ).sum(-1, keepdim=True)
-        with torch.no_grad():
-            resp = F.softmax(self.heads["label"](ql_.loc), dim=-1)
-        resp = torch.where(labeled.unsqueeze(-1), F.one_hot(y_safe, max(1, self.n_labels)).float(), resp)
+        resp = F.softmax(label_logits.detach(), dim=-1)
+        resp = torch.where(
+            labeled.unsqueeze(-1), _one_hot(y_safe, max(1, self.n_labels), ql_.loc.dtype), resp
+        )
         kl_l = (resp * kl_l_all).sum(-1)
         kl_r = _kl_unit_normal(qr.loc, qr.scale).sum(-1)
         kl_lib = torch.zeros_like(kl_r)
@@ -1137,7 +1143,7 @@ class FADVAE(BaseModuleClass):
         y_all = torch.where(labeled, y_safe, resp.argmax(-1))
         # the one-hots of the groups, built once per step
         dt = qb.loc.dtype
-        oh_s, oh_y = F.one_hot(s, B).to(dt), F.one_hot(y_all, K).to(dt)
+        oh_s, oh_y = _one_hot(s, B, dt), _one_hot(y_all, K, dt)
         # the three blocks whitened in one stacked pass (zero-padded to a common width)
         dims = (self.n_latent_b, self.n_latent_l, self.n_latent_r)
         white = _group_whiten(
@@ -1153,7 +1159,7 @@ class FADVAE(BaseModuleClass):
         # means are zero after whitening within batches) and of batches within labels for z_l.
         # "rl" reads the labelled cells only (where y_safe equals y_all), "rb" every cell.
         joint = y_all * B + s
-        oh_joint = F.one_hot(joint, K * B).to(dt)
+        oh_joint = _one_hot(joint, K * B, dt)
         spread = dict(
             zip(
                 ("bl", "lb", "rb", "rl"),
