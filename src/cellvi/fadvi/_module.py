@@ -236,41 +236,100 @@ def _kernel_leak(
     # centred within groups first: distances inside a group are unchanged, and the small
     # within-group differences do not drown in float32 rounding of the group offsets
     zs = zs - og @ _group_means(og, zs, counts)
-    sq = zs.pow(2).sum(-1)
-    d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * zs @ zs.transpose(-1, -2)).clamp(min=0.0)
     same = og @ ogt  # 1 for two cells of the same group (both kept)
     n_row = same.sum(-1).clamp(min=1.0)  # size of each cell's group
     with torch.no_grad():
+        sq = zs.pow(2).sum(-1)
         nan = torch.full_like(ogt, float("nan"))
-        med = torch.nanmedian(torch.where(ogt > 0, sq.detach().unsqueeze(-2), nan), dim=-1).values
+        med = torch.nanmedian(torch.where(ogt > 0, sq.unsqueeze(-2), nan), dim=-1).values
         bw = (og @ (2.0 * torch.nan_to_num(med, nan=0.0)).unsqueeze(-1)).clamp(min=1e-12)  # (P, n, 1)
-    # exp(-d2 / (4 bw)) and its 4th, 16th and 64th powers: bandwidths 4, 1, 1/4 and 1/16 times bw
-    # (the smallest ones see what a probe's nearest neighbours see)
-    k = k4 = torch.exp(-d2 / (4.0 * bw))
+        t = target_onehot.to(dt)
+        lc = _centre_within(t @ t.transpose(-1, -2), same, og, n_row, counts)
+        nl = _group_sums(ogt, lc * lc)
+        valid = (nl > 1e-9) & (counts >= 4)
+        w = counts * valid.to(dt)
+        w = w / w.sum(-1, keepdim=True).clamp(min=1.0)
+    return _KernelAlignment.apply(zs, bw, same, n_row, og, counts, lc, nl, w)
+
+
+def _centre_within(a: torch.Tensor, same: torch.Tensor, og, n_row, counts) -> torch.Tensor:
+    """``H a H`` within every group (``H`` the group's centring), zero between groups."""
+    a = a * same
+    r = a.sum(-1) / n_row
+    m = (og @ _group_means(og, r.unsqueeze(-1), counts)).squeeze(-1)
+    return (a - r.unsqueeze(-1) - r.unsqueeze(-2) + m.unsqueeze(-1)) * same
+
+
+def _group_sums(ogt: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Per-group sums of the entries of ``a`` ``(P, n, n)`` (every nonzero entry lies inside one group)."""
+    return (ogt @ a.sum(-1, keepdim=True)).squeeze(-1)
+
+
+def _rbf_mixture(d2: torch.Tensor, bw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel of :func:`_kernel_leak` and its derivative in ``d2``: ``exp(-d2 / (4 bw))`` and its
+    4th, 16th and 64th powers (bandwidths 4, 1, 1/4 and 1/16 times ``bw``; the smallest ones see
+    what a probe's nearest neighbours see), averaged."""
+    e = p = torch.exp(-d2 / (4.0 * bw))
+    k, dk = e.clone(), e.clone()
+    for power in (4.0, 16.0, 64.0):
+        p = p.square().square()
+        k.add_(p)
+        dk.add_(p, alpha=power)
+    return k.div_(4.0), dk.mul_(-1.0 / 16.0).div_(bw)
+
+
+class _KernelAlignment(torch.autograd.Function):
+    """Size-weighted mean over groups of ``<kc, lc> / (|kc| |lc|)``, ``kc`` the kernel of
+    :func:`_rbf_mixture` on ``zs`` centred within groups, ``lc`` the centred class kernel (fixed),
+    with a closed-form backward (about a third of the autograd graph's operations).
+
+    ``<kc, lc> = <k, lc>`` (centring is a projection and ``lc`` is centred), so
+    ``d/dk = a lc + 2 b kc`` with ``a``, ``b`` the derivatives in the two per-group sums; then
+    ``d/dd2`` by the kernel's derivative, and ``d2_ij = |z_i - z_j|^2`` gives
+    ``dz = 2 (rowsum(S) z - S z)`` for ``S = G + G^T``. ``w``: the groups' weights (0 for groups
+    left out). The autograd formula is :func:`_kernel_alignment_reference` (tested equal).
+    """
+
+    @staticmethod
+    def forward(ctx, zs, bw, same, n_row, og, counts, lc, nl, w):
+        sq = zs.pow(2).sum(-1)
+        raw = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * zs @ zs.transpose(-1, -2)
+        k, dk = _rbf_mixture(raw.clamp(min=0.0), bw)
+        kc = _centre_within(k, same, og, n_row, counts)
+        ogt = og.transpose(-1, -2)
+        num, nk = _group_sums(ogt, k * lc), _group_sums(ogt, kc * kc)
+        denom = (nk.clamp(min=1e-12) * nl.clamp(min=1e-12)).sqrt()
+        cka = torch.where(w > 0, num / denom, torch.zeros_like(num))
+        ctx.save_for_backward(zs, dk.mul_(raw >= 0), lc, kc, og, w, cka, nk, denom)
+        return (w * cka).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        zs, dk, lc, kc, og, w, cka, nk, denom = ctx.saved_tensors
+        gc = grad.unsqueeze(-1) * w  # d out / d cka, per group
+        a = torch.where(w > 0, gc / denom, torch.zeros_like(gc))  # d / d num
+        b = torch.where((w > 0) & (nk > 1e-12), -0.5 * gc * cka / nk.clamp(min=1e-12), torch.zeros_like(gc))
+        a_i, b_i = (og @ a.unsqueeze(-1)), (og @ b.unsqueeze(-1))  # (P, n, 1): each cell's group
+        g = (a_i * lc).add_(kc * (2.0 * b_i)).mul_(dk)  # d / d d2
+        g = g + g.transpose(-1, -2)
+        gz = 2.0 * (g.sum(-1, keepdim=True) * zs - g @ zs)
+        return gz, None, None, None, None, None, None, None, None
+
+
+def _kernel_alignment_reference(zs, bw, same, n_row, og, counts, lc, nl, w):
+    """:class:`_KernelAlignment` by autograd (the reference its backward is tested against)."""
+    sq = zs.pow(2).sum(-1)
+    d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * zs @ zs.transpose(-1, -2)).clamp(min=0.0)
+    e = p = torch.exp(-d2 / (4.0 * bw))
+    k = e
     for _ in range(3):
-        k4 = k4.square().square()
-        k = k + k4
-    k = k / 4.0
-    t = target_onehot.to(dt)
-    lab = t @ t.transpose(-1, -2)
-
-    def centre(a):
-        a = a * same
-        r = a.sum(-1) / n_row
-        m = (og @ _group_means(og, r.unsqueeze(-1), counts)).squeeze(-1)
-        return (a - r.unsqueeze(-1) - r.unsqueeze(-2) + m.unsqueeze(-1)) * same
-
-    kc, lc = centre(k), centre(lab)
-    # per-group sums of the entrywise products (every nonzero entry lies inside one group)
-    num, nk, nl = (
-        (ogt @ (a * b).sum(-1, keepdim=True)).squeeze(-1) for a, b in ((kc, lc), (kc, kc), (lc, lc))
-    )
-    valid = (nl > 1e-9) & (counts >= 4)
-    # clamped inside the square root: sqrt'(0) is infinite, and torch.where would turn the
-    # discarded branch's 0 * inf into a NaN gradient
-    cka = torch.where(valid, num / (nk.clamp(min=1e-12) * nl.clamp(min=1e-12)).sqrt(), torch.zeros_like(num))
-    w = counts * valid.to(dt)
-    return (w * cka).sum(-1) / w.sum(-1).clamp(min=1.0)
+        p = p.square().square()
+        k = k + p
+    kc = _centre_within(k / 4.0, same, og, n_row, counts)
+    ogt = og.transpose(-1, -2)
+    num, nk = _group_sums(ogt, kc * lc), _group_sums(ogt, kc * kc)
+    cka = torch.where(w > 0, num / (nk.clamp(min=1e-12) * nl.clamp(min=1e-12)).sqrt(), torch.zeros_like(num))
+    return (w * cka).sum(-1)
 
 
 def _pad_columns(*xs: torch.Tensor) -> torch.Tensor:
