@@ -58,14 +58,15 @@ def test_kl_dirichlet_value_and_gradient():
     torch.testing.assert_close(g_got, g_exp, rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.parametrize("requires_grad", [True, False])
+@pytest.mark.parametrize(("requires_grad", "numpy_sampler"), [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("conc", [0.02, 0.3, 1.0, 5.0])
-def test_gamma_sampler_is_exact(conc, requires_grad, monkeypatch):
+def test_gamma_sampler_is_exact(conc, requires_grad, numpy_sampler, monkeypatch):
     # log samples against the log-Gamma law (no float underflow at small shapes): KS on 60k draws;
     # a sampler that forgot the uniform boost or the rejection step is off by far more than this tests.
-    # Both paths: the reparameterised one (training) and the gradient-free one (inference), the latter
-    # in small chunks so that rejected entries fall in many chunks
+    # All paths: the reparameterised one (training) and the gradient-free ones (inference: torch ops,
+    # and NumPy on the CPU), the latter in small chunks so that rejected entries fall in many chunks
     monkeypatch.setattr(module, "_SAMPLE_CHUNK", 7_000)
+    monkeypatch.setattr(module, "_NUMPY_SAMPLER", numpy_sampler)
     torch.manual_seed(1)
     a = torch.full((60_000,), conc, requires_grad=requires_grad)
     log_x = log_gamma_rsample(a).detach().double().numpy()
@@ -73,13 +74,39 @@ def test_gamma_sampler_is_exact(conc, requires_grad, monkeypatch):
     assert stats.kstest(log_x, stats.loggamma(conc).cdf).pvalue > 1e-3
 
 
-def test_gradient_free_gamma_sampler_keeps_shape_and_stops_on_nan():
+@pytest.mark.parametrize("numpy_sampler", [False, True])
+def test_gradient_free_gamma_sampler_keeps_shape_and_stops_on_nan(numpy_sampler, monkeypatch):
+    monkeypatch.setattr(module, "_NUMPY_SAMPLER", numpy_sampler)
     torch.manual_seed(7)
     a = torch.rand(3, 5, 7) + 0.1
     assert log_gamma_sample(a).shape == a.shape
     a[1, 2, 3] = float("nan")  # never accepted: left NaN after the last round instead of looping forever
     out = log_gamma_sample(a)
     assert torch.isnan(out[1, 2, 3]) and torch.isfinite(out).sum() == a.numel() - 1
+
+
+def test_numpy_sampler_runs_on_cpu_float32_and_follows_torch_seed(monkeypatch):
+    # float32 CPU tensors take the NumPy draws (seeded from torch's generator: torch.manual_seed fixes
+    # them, and successive calls differ); other dtypes take the torch ops
+    a = torch.rand(6, 50, 4) + 0.2
+    assert module._use_numpy_sampler(a) and not module._use_numpy_sampler(a.double())
+    calls = []
+    real = module._NumpyGammaSampler.induction_repression
+    monkeypatch.setattr(
+        module._NumpyGammaSampler, "induction_repression", lambda self, c: calls.append(1) or real(self, c)
+    )
+    torch.manual_seed(8)
+    first = induction_repression_rsample(a)
+    second = induction_repression_rsample(a)
+    torch.manual_seed(8)
+    again = induction_repression_rsample(a)
+    assert len(calls) == 3
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], second[0])
+    torch.manual_seed(8)
+    lg = log_gamma_sample(a)
+    torch.manual_seed(8)
+    assert torch.equal(lg, log_gamma_sample(a)) and torch.isfinite(lg).all()
 
 
 def test_gamma_sampler_gradient_is_the_reparameterisation_gradient():
@@ -143,13 +170,14 @@ def test_mixture_log_likelihood_matches_the_reference_formula(lead):
     assert torch.autograd.gradcheck(lambda uu: mixture_log_likelihood(log_pi.detach(), k, sd, uu, s), (u,))
 
 
-@pytest.mark.parametrize("requires_grad", [True, False])
+@pytest.mark.parametrize(("requires_grad", "numpy_sampler"), [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("conc", [(0.3, 2.0, 0.7, 0.1), (5.0, 0.05, 1.5, 3.0)])
-def test_induction_repression_draws_have_the_dirichlet_law(conc, requires_grad, monkeypatch):
-    # (pi_0, pi_2) from three Gammas (aggregation property) against the four-Gamma Dirichlet draws:
-    # both marginals and their sum (which a wrong aggregate, e.g. Gamma(a_1) alone, would shift);
-    # the gradient-free path in several chunks, with leading dimensions
+def test_induction_repression_draws_have_the_dirichlet_law(conc, requires_grad, numpy_sampler, monkeypatch):
+    # (pi_0, pi_2) from three Gammas (aggregation property) against the four-Gamma Dirichlet draws
+    # (those of the reparameterised torch path): both marginals and their sum (which a wrong aggregate,
+    # e.g. Gamma(a_1) alone, would shift); the gradient-free paths in several chunks, with leading dimensions
     monkeypatch.setattr(module, "_SAMPLE_CHUNK", 9_000)
+    monkeypatch.setattr(module, "_NUMPY_SAMPLER", numpy_sampler)
     torch.manual_seed(5)
     n = 40_000
     a = torch.tensor(conc).expand(n, 4)
@@ -160,7 +188,7 @@ def test_induction_repression_draws_have_the_dirichlet_law(conc, requires_grad, 
         p0, p2 = induction_repression_rsample(a.reshape(8, n // 8, 4))
         assert p0.shape == p2.shape == (8, n // 8)
         p0, p2 = p0.reshape(-1), p2.reshape(-1)
-    full = dirichlet_log_rsample(a.movedim(-1, 0).contiguous(), dim=0).exp()
+    full = dirichlet_log_rsample(a.movedim(-1, 0).contiguous().requires_grad_(), dim=0).detach().exp()
     for ours, ref in ((p0, full[0]), (p2, full[2]), (p0 + p2, full[0] + full[2])):
         assert stats.ks_2samp(ours.numpy(), ref.numpy()).pvalue > 1e-3
     a0 = sum(conc)
