@@ -22,9 +22,9 @@ Printed figures:
 The adversarial training is stochastic: one run's leak figures move by up to ~0.15 between seeds, so
 one seed cannot decide "at least as good". With ``--seeds 0 1 2 3 4`` every seed gets new simulated data
 and both models train with that seed; the per-seed figures are printed, then the mean and sd of each
-metric over the seeds, and "cellvi at least as good" is judged on the means (the default: seeds 0-9, as
-five seeds left the means of the near-floor leak rows ~0.02 apart from one code change that only moved
-float rounding to the next; ``--seed N`` runs one). Beside each mean difference the table prints its
+metric over the seeds, and "cellvi at least as good" is judged on the means (the default: seeds 0-9: with five,
+the means of the near-floor leak rows moved by ~0.02 between two runs whose code differed only in float
+rounding; ``--seed N`` runs one). Beside each mean difference the table prints its
 paired standard error over the seeds (both models train on the same data per seed), so a reader can
 tell a difference from seed noise; the judging rule does not use it. Training is timed by
 wall and process CPU clock; with ``--repeats N`` the two models are trained N times per seed,

@@ -215,12 +215,27 @@ def test_closed_form_kl_and_stacked_leak_terms_equal_the_reference():
     ]
     groups = [torch.randint(0, k, (n,), generator=gen) for k in (3, 6, 1)]
     ohs = [one_hot(g, k).double() for g, k in zip(groups, (3, 6, 1))]
-    white = _group_whiten(_pad_columns(*blocks), _pad_columns(*ohs), 1e-2, torch.tensor([5, 3, 2]))
+    leaves = [z.clone().requires_grad_(True) for z in blocks]
+    white = _group_whiten(_pad_columns(*leaves), _pad_columns(*ohs), 1e-2, torch.tensor([5, 3, 2]))
+    weights = torch.randn(white.shape, generator=gen, dtype=torch.float64)
+    (white * weights).sum().backward()
     for i, (z, g) in enumerate(zip(blocks, groups)):
         d = z.shape[1]
         torch.testing.assert_close(white[i, :, :d], whiten_reference(z, g, 1e-2))
-        assert float(white[i, :, d:].abs().sum()) == 0.0  # padding stays zero
-        torch.testing.assert_close(_group_whiten(z, ohs[i], 1e-2), white[i, :, :d])
+        assert float(white[i, :, d:].detach().abs().sum()) == 0.0  # padding stays zero
+        # alone: the same values and gradients
+        alone = z.clone().requires_grad_(True)
+        single = _group_whiten(alone, ohs[i], 1e-2)
+        torch.testing.assert_close(single, white[i, :, :d])
+        (single * weights[i, :, :d]).sum().backward()
+        torch.testing.assert_close(alone.grad, leaves[i].grad)
+        # whitened within its groups, a block has nothing left between those groups (why the loss
+        # takes the spread between (label, batch) cells alone)
+        spread_own = _class_mean_spread(white[i, :, :d].detach(), ohs[i])
+        assert abs(float(spread_own)) < 1e-12
+    with pytest.raises(ValueError, match="dims"):
+        _group_whiten(_pad_columns(*blocks), _pad_columns(*ohs), 1e-2)
+    white = white.detach()
     # class-mean spreads, stacked, with cells left out by zero one-hot rows
     target = torch.randint(0, 4, (n,), generator=gen)
     mask = torch.rand(n, generator=gen) > 0.3
@@ -235,11 +250,12 @@ def test_closed_form_kl_and_stacked_leak_terms_equal_the_reference():
     # the one-hots of registry codes, without F.one_hot's range check
     from cellvi.fadvi._module import _one_hot
 
-    for idx in (target, target[:, None]):
+    for idx in (target, target[:, None], target[:, None].float()):  # registry codes come as (n, 1) floats
         torch.testing.assert_close(_one_hot(idx, 5, torch.float64), one_hot(target, 5).double())
-    # fewer than two cells or one class: nothing to spread
+    # fewer than two cells, one class or no cell kept: nothing to spread
     assert float(_class_mean_spread(white[0, :1], oh_t[:1])) == 0.0
     assert float(_class_mean_spread(white[0], torch.ones(n, 1, dtype=torch.float64))) == 0.0
+    assert float(_class_mean_spread(white[0], torch.zeros_like(oh_t))) == 0.0
 
 
 def test_dual_head_equals_detached_and_frozen_calls():
@@ -289,18 +305,24 @@ def test_kernel_alignment_backward_equals_autograd():
     P, n, d = 2, 40, 5
     z = torch.randn(P, n, d, generator=gen, dtype=torch.float64)
     z[0, :8] *= 30.0
-    og = one_hot(torch.randint(0, 3, (P, n), generator=gen), 3).double()
-    og[1, 0] = 0.0  # a cell left out
+    group = torch.randint(0, 3, (P, n), generator=gen)
+    group[1] = torch.where(torch.arange(n) < 3, 3, group[1].clamp(max=2))  # stack 1: a group of 3 cells
+    group[0, group[0] == 2] = 3
+    z[0, group[0] == 3] = z[0, group[0] == 3][0]  # stack 0: a group of identical cells (flat kernel)
+    og = one_hot(group, 4).double()
+    og[1, 5] = 0.0  # a cell left out
     t = one_hot(torch.randint(0, 4, (P, n), generator=gen), 4).double()
     ogt = og.transpose(-1, -2)
     counts = ogt.sum(-1)
     zs = z - og @ M._group_means(og, z, counts)
     same = og @ ogt
     n_row = same.sum(-1).clamp(min=1)
-    bw = (og @ (torch.rand(P, 3, generator=gen, dtype=torch.float64) + 0.5).unsqueeze(-1)).clamp(min=1e-12)
+    bw = (og @ (torch.rand(P, 4, generator=gen, dtype=torch.float64) + 0.5).unsqueeze(-1)).clamp(min=1e-12)
     lc = M._centre_within(t @ t.transpose(-1, -2), same, og, n_row, counts)
     nl = M._group_sums(ogt, lc * lc)
-    w = counts / counts.sum(-1, keepdim=True)
+    w = counts * ((nl > 1e-9) & (counts >= 4)).double()  # the rule of _kernel_leak
+    w = w / w.sum(-1, keepdim=True)
+    assert float(w[1, 3]) == 0.0 and float(w[0, 3]) > 0  # the small group is left out, the flat one kept
     args = (bw, same, n_row, og, counts, lc, nl, w)
     a, b = zs.clone().requires_grad_(True), zs.clone().requires_grad_(True)
     weights = torch.randn(P, generator=gen, dtype=torch.float64)

@@ -167,6 +167,8 @@ def _group_whiten(
     each block whitened on its own; ``dims`` ``(P,)`` are the blocks' own widths, over which the
     mean variance of the ridge is taken (padding columns come back zero).
     """
+    if z.dim() == 3 and dims is None:
+        raise ValueError("_group_whiten: stacked blocks need dims, their own widths.")
     if z.shape[-2] < 2:
         return z - z.detach()
     counts = onehot.sum(-2)
@@ -268,7 +270,8 @@ def _group_sums(ogt: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def _rbf_mixture(d2: torch.Tensor, bw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel of :func:`_kernel_leak` and its derivative in ``d2``: ``exp(-d2 / (4 bw))`` and its
     4th, 16th and 64th powers (bandwidths 4, 1, 1/4 and 1/16 times ``bw``; the smallest ones see
-    what a probe's nearest neighbours see), averaged."""
+    what a probe's nearest neighbours see), averaged. The derivative ignores any clamp of ``d2``
+    (the caller masks it)."""
     e = p = torch.exp(-d2 / (4.0 * bw))
     k, dk = e.clone(), e.clone()
     for power in (4.0, 16.0, 64.0):
@@ -278,26 +281,33 @@ def _rbf_mixture(d2: torch.Tensor, bw: torch.Tensor) -> tuple[torch.Tensor, torc
     return k.div_(4.0), dk.mul_(-1.0 / 16.0).div_(bw)
 
 
+def _sq_dists(zs: torch.Tensor) -> torch.Tensor:
+    """Squared distances between the rows of ``zs`` (``(..., n, n)``; may be slightly negative by rounding)."""
+    sq = zs.pow(2).sum(-1)
+    return sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * zs @ zs.transpose(-1, -2)
+
+
 class _KernelAlignment(torch.autograd.Function):
     """Size-weighted mean over groups of ``<kc, lc> / (|kc| |lc|)``, ``kc`` the kernel of
     :func:`_rbf_mixture` on ``zs`` centred within groups, ``lc`` the centred class kernel (fixed),
     with a closed-form backward (about a third of the autograd graph's operations).
 
-    ``<kc, lc> = <k, lc>`` (centring is a projection and ``lc`` is centred), so
-    ``d/dk = a lc + 2 b kc`` with ``a``, ``b`` the derivatives in the two per-group sums; then
-    ``d/dd2`` by the kernel's derivative, and ``d2_ij = |z_i - z_j|^2`` gives
+    Centring is a projection and ``lc`` is centred, so ``d<kc, lc>/dk = lc`` and
+    ``d|kc|^2/dk = 2 kc``: ``d/dk = a lc + 2 b kc`` with ``a``, ``b`` the derivatives in the two
+    per-group sums. ``G = d/dd2`` is that times the kernel's derivative, masked where the clamp of
+    ``d2`` at 0 stopped the gradient, and ``d2_ij = |z_i - z_j|^2`` gives
     ``dz = 2 (rowsum(S) z - S z)`` for ``S = G + G^T``. ``w``: the groups' weights (0 for groups
     left out). The autograd formula is :func:`_kernel_alignment_reference` (tested equal).
     """
 
     @staticmethod
     def forward(ctx, zs, bw, same, n_row, og, counts, lc, nl, w):
-        sq = zs.pow(2).sum(-1)
-        raw = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * zs @ zs.transpose(-1, -2)
+        raw = _sq_dists(zs)
         k, dk = _rbf_mixture(raw.clamp(min=0.0), bw)
         kc = _centre_within(k, same, og, n_row, counts)
         ogt = og.transpose(-1, -2)
-        num, nk = _group_sums(ogt, k * lc), _group_sums(ogt, kc * kc)
+        # <kc, lc>, not the equal <k, lc>: the centred sum does not carry the rounding of k's mean
+        num, nk = _group_sums(ogt, kc * lc), _group_sums(ogt, kc * kc)
         denom = (nk.clamp(min=1e-12) * nl.clamp(min=1e-12)).sqrt()
         cka = torch.where(w > 0, num / denom, torch.zeros_like(num))
         ctx.save_for_backward(zs, dk.mul_(raw >= 0), lc, kc, og, w, cka, nk, denom)
@@ -317,9 +327,8 @@ class _KernelAlignment(torch.autograd.Function):
 
 
 def _kernel_alignment_reference(zs, bw, same, n_row, og, counts, lc, nl, w):
-    """:class:`_KernelAlignment` by autograd (the reference its backward is tested against)."""
-    sq = zs.pow(2).sum(-1)
-    d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * zs @ zs.transpose(-1, -2)).clamp(min=0.0)
+    """:class:`_KernelAlignment` by autograd: the formula its backward is tested against (tests only)."""
+    d2 = _sq_dists(zs).clamp(min=0.0)
     e = p = torch.exp(-d2 / (4.0 * bw))
     k = e
     for _ in range(3):
@@ -339,8 +348,10 @@ def _pad_columns(*xs: torch.Tensor) -> torch.Tensor:
 
 
 def _one_hot(index: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """``F.one_hot(index, n)`` in ``dtype`` for registry codes known to lie in ``[0, n)``: one
-    comparison, without the range check's host synchronisation (several per training step)."""
+    """``F.one_hot(index.reshape(-1), n)`` in ``dtype`` for registry codes (integer-valued, any dtype)
+    known to lie in ``[0, n)``: one comparison, without the range check's host synchronisation
+    (several per training step). A code outside the range gives a zero row, not an error: only
+    codes of the AnnData registry, mapped at setup, come here."""
     return (index.reshape(-1, 1) == torch.arange(n, device=index.device)).to(dtype)
 
 
@@ -755,6 +766,10 @@ class FADVAE(BaseModuleClass):
         self.n_label_codes = n_label_codes or n_labels
         self.unlabeled_code = unlabeled_code
         self.n_latent_b, self.n_latent_l, self.n_latent_r = n_latent_b, n_latent_l, n_latent_r
+        # the blocks' widths, for the stacked whitening (a buffer: no host-to-device copy per step)
+        self.register_buffer(
+            "_block_dims", torch.tensor([n_latent_b, n_latent_l, n_latent_r]), persistent=False
+        )
         self.dispersion = dispersion
         self.gene_likelihood = gene_likelihood
         self.use_observed_lib_size = use_observed_lib_size
@@ -1061,9 +1076,9 @@ class FADVAE(BaseModuleClass):
         if self.dispersion == "gene":
             px_r = self.px_r
         elif self.dispersion == "gene-batch":
-            px_r = F.linear(F.one_hot(batch_index.reshape(-1).long(), self.n_batch).float(), self.px_r)
+            px_r = F.linear(_one_hot(batch_index, self.n_batch, self.px_r.dtype), self.px_r)
         elif self.dispersion == "gene-label":
-            px_r = F.linear(F.one_hot(y.reshape(-1).long(), self.n_label_codes).float(), self.px_r)
+            px_r = F.linear(_one_hot(y, self.n_label_codes, self.px_r.dtype), self.px_r)
         px_r = torch.exp(px_r)
         if self.gene_likelihood == "zinb":
             px = ZeroInflatedNegativeBinomial(mu=px_rate, theta=px_r, zi_logits=px_dropout, scale=px_scale)
@@ -1209,7 +1224,7 @@ class FADVAE(BaseModuleClass):
             _pad_columns(qb.loc, ql_.loc, qr.loc),
             _pad_columns(oh_s, oh_y, torch.ones_like(oh_s[:, :1])),
             self.whiten_ridge,
-            torch.tensor(dims, device=qb.loc.device),
+            self._block_dims,
         )
         mb, ml, mr = (white[i, :, :d] for i, d in enumerate(dims))
         # linear leakage is measured within each (label, batch) cell of the table: z_l must not
@@ -1223,7 +1238,7 @@ class FADVAE(BaseModuleClass):
             zip(
                 ("bl", "lb", "rb", "rl"),
                 _class_mean_spread(
-                    white[[0, 1, 2, 2]],
+                    torch.cat([white, white[2:]]),  # z_b, z_l, z_r, z_r
                     _pad_columns(oh_joint, oh_joint, oh_s, oh_y * labeled.unsqueeze(-1).to(dt)),
                 ),
                 strict=True,
@@ -1240,11 +1255,11 @@ class FADVAE(BaseModuleClass):
                 _pad_columns(qb.loc, ql_.loc), _pad_columns(oh_s, oh_y), _pad_columns(oh_y, oh_s)
             )
             kern = {"bl": leak[0], "lb": leak[1]}
-        for key, head_name, z, target, mask, n_class in (
-            ("bl", "adv_label_from_b", mb, y_safe, labeled, K),
-            ("lb", "adv_batch_from_l", ml, s, None, B),
-            ("rb", "adv_batch_from_r", mr, s, None, B),
-            ("rl", "adv_label_from_r", mr, y_safe, labeled, K),
+        for key, head_name, z, target, mask in (
+            ("bl", "adv_label_from_b", mb, y_safe, labeled),
+            ("lb", "adv_batch_from_l", ml, s, None),
+            ("rb", "adv_batch_from_r", mr, s, None),
+            ("rl", "adv_label_from_r", mr, y_safe, labeled),
         ):
             head = self.heads[head_name]
             logits_p, logits_z = head.dual(z)
