@@ -88,11 +88,11 @@ def log_gamma_sample(concentration: torch.Tensor) -> torch.Tensor:
 
     The same Marsaglia-Tsang draw with the recycled uniform boost, with ``log w^3`` computed once for the
     acceptance test and the sample, over the flattened tensor in chunks of :data:`_SAMPLE_CHUNK` elements;
-    the rejected entries of all chunks are redrawn together at the end (:func:`_redraw_rejected`). On the
-    CPU in float32 the draws run in NumPy (:class:`_NumpyGammaSampler`).
+    the rejected entries of all chunks are redrawn together at the end (:func:`_redraw_rejected`).
+
+    Training's validation steps draw through here: it stays on torch's generator and ops (the NumPy draws
+    of :class:`_NumpyGammaSampler` would change the random stream, hence the training trajectory).
     """
-    if _use_numpy_sampler(concentration):
-        return _NumpyGammaSampler().log_gamma(concentration)
     a = concentration.reshape(-1)
     out = torch.empty_like(a)
     rejected = []
@@ -103,7 +103,8 @@ def log_gamma_sample(concentration: torch.Tensor) -> torch.Tensor:
     return out.view(concentration.shape)
 
 
-#: Draw gradient-free Gamma samples on the CPU with :class:`_NumpyGammaSampler` (float32 tensors).
+#: Draw the gradient-free induction/repression probabilities on the CPU with :class:`_NumpyGammaSampler`
+#: (float32 tensors).
 _NUMPY_SAMPLER = True
 
 
@@ -129,6 +130,10 @@ class _NumpyGammaSampler:
 
     def _try(self, a: np.ndarray, out: np.ndarray) -> np.ndarray:
         """One trial per entry of 1-D float32 ``a``: its log-Gamma value into ``out``; the acceptance mask."""
+        with np.errstate(all="ignore"):  # log of w^3 <= 0 and NaN shapes: rejected, no warning
+            return self._try_unchecked(a, out)
+
+    def _try_unchecked(self, a: np.ndarray, out: np.ndarray) -> np.ndarray:
         n = a.size
         half = (n + 1) // 2
         # uint32 halves of the raw words: n acceptance uniforms, then the radius and angle uniforms
@@ -155,7 +160,7 @@ class _NumpyGammaSampler:
         w += 1.0  # 1 + c eps
         w3 = np.multiply(w, w)
         w3 *= w
-        log_w3 = np.log(w3)  # NaN for w <= 0: rejected below
+        log_w3 = np.log(w3)  # NaN or -inf for w <= 0: rejected below
         h = np.add(log_w3, 1.0)
         h -= w3
         h *= d
@@ -182,18 +187,6 @@ class _NumpyGammaSampler:
             ok = self._try(a[todo], value)
             out[todo] = np.where(ok, value, out[todo])
             todo = todo[~ok]
-
-    def log_gamma(self, concentration: torch.Tensor) -> torch.Tensor:
-        """:func:`log_gamma_sample`: chunks of :data:`_SAMPLE_CHUNK` entries, then the rejected redrawn."""
-        a = np.ascontiguousarray(concentration.detach().reshape(-1).numpy())
-        out = np.empty_like(a)
-        rejected = []
-        with np.errstate(all="ignore"):
-            for start in range(0, a.size, _SAMPLE_CHUNK):
-                ok = self._try(a[start : start + _SAMPLE_CHUNK], out[start : start + _SAMPLE_CHUNK])
-                rejected.append(np.flatnonzero(~ok) + start)
-            self._redraw(a, out, np.concatenate(rejected))
-        return torch.from_numpy(out).view(concentration.shape)
 
     def induction_repression(self, concentration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`_induction_repression_sample`: the three shapes ``(a_0, a_2, a_1 + a_3)`` of each chunk laid
