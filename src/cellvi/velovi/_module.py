@@ -104,7 +104,10 @@ def log_gamma_sample(concentration: torch.Tensor) -> torch.Tensor:
 
 
 #: Draw the gradient-free induction/repression probabilities on the CPU with :class:`_NumpyGammaSampler`
-#: (float32 tensors).
+#: (float32 tensors): the sampled velocities of ``get_velocity(return_mean=False)`` and
+#: ``get_directional_uncertainty``. The same law as the torch draws but another random stream, so for one
+#: seed these outputs differ from a GPU or float64 run (and from cellvi before this sampler); set
+#: ``cellvi.velovi._module._NUMPY_SAMPLER = False`` for torch's stream. Training does not use it.
 _NUMPY_SAMPLER = True
 
 
@@ -142,7 +145,7 @@ class _NumpyGammaSampler:
         bits = self.bits.random_raw((n + 1) // 2 + half).view(np.uint32)
         u = np.right_shift(bits, 8, out=bits).astype(np.float32)
         u *= _INV_2_24
-        u += _HALF_2_24  # (k + 1/2) / 2**24: in (0, 1)
+        u += _HALF_2_24  # (k + 1/2) / 2**24: in (0, 1] (float32 rounds the top half to a 2**-23 grid)
         log_u = np.log(u[:n])
         radius = np.log(u[n : n + half])
         radius *= -2.0
@@ -200,16 +203,10 @@ class _NumpyGammaSampler:
         shapes = np.empty(3 * n, dtype=np.float32)
         log_g = np.empty_like(shapes)
         p = np.empty((2, n), dtype=np.float32)
-        rejected = []
         with np.errstate(all="ignore"):
-            for start in range(0, n, step):
-                c = a[start : start + step]
-                block = slice(3 * start, 3 * start + 3 * c.shape[0])
-                three = shapes[block].reshape(3, -1)
-                three[0], three[1] = c[:, 0], c[:, 2]
-                np.add(c[:, 1], c[:, 3], out=three[2])
-                ok = self._try(shapes[block], log_g[block])
-                rejected.append(np.flatnonzero(~ok) + 3 * start)
+            rejected = _fill_and_try(
+                a, shapes, log_g, step, np.add, lambda x, out: np.flatnonzero(~self._try(x, out))
+            )
             self._redraw(shapes, log_g, np.concatenate(rejected))
             for start in range(0, n, step):
                 m = min(step, n - start)
@@ -304,6 +301,23 @@ def induction_repression_rsample(concentration: torch.Tensor) -> tuple[torch.Ten
 
 
 @torch.no_grad()
+def _fill_and_try(a, shapes, log_g, step: int, add, try_block) -> list:
+    """Lay the three Gamma shapes ``(a_0, a_2, a_1 + a_3)`` of every chunk of ``step`` rows of ``a``
+    ``(n, 4)`` out as a ``(3, m)`` block of the flat ``shapes`` and draw it while in cache: ``try_block(x,
+    out)`` (one trial per entry, returns the indices rejected) writes its log draws into ``log_g``. Works on
+    NumPy arrays (``add=np.add``) and torch tensors (``add=torch.add``); returns the rejected indices of
+    every chunk (in ``shapes``)."""
+    rejected = []
+    for start in range(0, a.shape[0], step):
+        c = a[start : start + step]
+        block = slice(3 * start, 3 * start + 3 * c.shape[0])
+        three = shapes[block].reshape(3, -1)
+        three[0], three[1] = c[:, 0], c[:, 2]
+        add(c[:, 1], c[:, 3], out=three[2])
+        rejected.append(try_block(shapes[block], log_g[block]) + 3 * start)
+    return rejected
+
+
 def _induction_repression_sample(concentration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`induction_repression_rsample` without a gradient, in cache-sized chunks of cells and genes.
 
@@ -318,15 +332,14 @@ def _induction_repression_sample(concentration: torch.Tensor) -> tuple[torch.Ten
     shapes = torch.empty(3 * n, dtype=a.dtype, device=a.device)
     log_g = torch.empty_like(shapes)
     step = max(1, _SAMPLE_CHUNK // 3)
-    rejected = []
-    for start in range(0, n, step):
-        c = a[start : start + step]
-        block = slice(3 * start, 3 * start + 3 * c.shape[0])
-        three = shapes[block].view(3, -1)
-        three[0], three[1] = c[:, 0], c[:, 2]
-        torch.add(c[:, 1], c[:, 3], out=three[2])
-        ok = _log_gamma_try(shapes[block], log_g[block])
-        rejected.append(torch.nonzero(ok.logical_not_()).squeeze(-1).add_(3 * start))
+    rejected = _fill_and_try(
+        a,
+        shapes,
+        log_g,
+        step,
+        torch.add,
+        lambda x, out: torch.nonzero(_log_gamma_try(x, out).logical_not_())[:, 0],
+    )
     _redraw_rejected(shapes, log_g, torch.cat(rejected))
     p_ind, p_rep = torch.empty((2, n), dtype=a.dtype, device=a.device)
     for start in range(0, n, step):
