@@ -84,6 +84,8 @@ def main() -> None:
     )
     add_json_argument(parser)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     report = Report(
         "velovi",
         settings={
@@ -179,8 +181,10 @@ def main() -> None:
     }
     for key, call in calls.items():
         times = {name: [] for name in results}
-        for _ in range(args.repeats):
-            for name, res in results.items():
+        for r in range(args.repeats):
+            # the order swaps every round: the first call after the other model's does not always fall
+            # on the same side
+            for name, res in list(results.items())[:: 1 if r % 2 == 0 else -1]:
                 torch.manual_seed(0)
                 m = measure(lambda call=call, model=res["model"]: call(model))
                 times[name].append((m.wall_s, m.cpu_s))
@@ -194,7 +198,12 @@ def main() -> None:
             flush=True,
         )
     report.note(
-        f"post-hoc method times are medians of {args.repeats} calls per model, the two models alternating"
+        f"post-hoc method times are medians of {args.repeats} calls per model, the two models alternating "
+        "(order swapped every round); CPU s per call: "
+        + "; ".join(
+            f"{name} uncertainty {res['unc_cpu_all']}, permutation {res['perm_cpu_all']}"
+            for name, res in results.items()
+        )
     )
 
     new, old = results["cellvi"], results["original"]
