@@ -183,15 +183,13 @@ class _NumpyGammaSampler:
         return ok
 
     def _redraw(self, a: np.ndarray, out: np.ndarray, todo: np.ndarray) -> None:
-        """Redraw the entries ``todo`` of ``out`` until accepted, all chunks' together (as
-        :func:`_redraw_rejected`: entries still rejected after 99 rounds, such as NaN shapes, keep theirs)."""
-        for _ in range(99):
-            if todo.size == 0:
-                return
-            value = np.empty(todo.size, dtype=np.float32)
-            ok = self._try(a[todo], value)
-            out[todo] = np.where(ok, value, out[todo])
-            todo = todo[~ok]
+        """Redraw the entries ``todo`` of ``out`` until accepted, all chunks' together (:func:`_redraw_rejected`
+        with this generator's trials)."""
+        _redraw_rejected(a, out, todo, self._trial)
+
+    def _trial(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        value = np.empty(a.size, dtype=np.float32)
+        return value, self._try(a, value)
 
     def induction_repression(self, concentration: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`_induction_repression_sample`: the three shapes ``(a_0, a_2, a_1 + a_3)`` of each chunk laid
@@ -241,17 +239,24 @@ def _log_gamma_try(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return ok
 
 
-def _redraw_rejected(a: torch.Tensor, out: torch.Tensor, todo: torch.Tensor, rounds: int = 99) -> None:
+def _redraw_rejected(a, out, todo, trial=None, rounds: int = 99) -> None:
     """Redraw the entries ``todo`` of 1-D ``out`` (shapes ``a``) until accepted (a few percent per round);
     entries still rejected after ``rounds`` rounds, such as NaN shapes, keep their last value, as in
-    :func:`log_gamma_rsample`. One call for all chunks: the rounds cost about 15 small operations each."""
+    :func:`log_gamma_rsample`. One call for all chunks: the rounds cost about 15 small operations each.
+    Torch tensors or NumPy arrays alike: ``trial(shapes)`` returns one draw per entry and the acceptance
+    mask (default: :func:`_log_gamma_try` on torch's generator)."""
+    trial = trial or _torch_trial
     for _ in range(rounds):
-        if todo.numel() == 0:
+        if len(todo) == 0:
             return
-        value = torch.empty(todo.numel(), dtype=out.dtype, device=out.device)
-        ok = _log_gamma_try(a[todo], value)
-        out[todo] = torch.where(ok, value, out[todo])
+        value, ok = trial(a[todo])
+        out[todo[ok]] = value[ok]
         todo = todo[~ok]
+
+
+def _torch_trial(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    value = torch.empty_like(a)
+    return value, _log_gamma_try(a, value)
 
 
 def _log_uniform(like: torch.Tensor) -> torch.Tensor:
@@ -701,11 +706,10 @@ class DecoderVELOVI(nn.Module):
             weight = torch.cat([self.px_rho_decoder.weight, self.px_tau_decoder.weight])
             bias = torch.cat([self.px_rho_decoder.bias, self.px_tau_decoder.bias])
         # the decoders' weights folded once for all blocks (or their own forward with covariates)
-        rho_fc, pi_fc = self.rho_first_decoder, self.pi_first_decoder
-        rho_net = (
-            rho_fc if any(k > 1 for k in rho_fc.n_cat_list) else partial(_apply_folded, _fold_fc(rho_fc))
+        rho_net, pi_net = (
+            fc if any(k > 1 for k in fc.n_cat_list) else partial(_apply_folded, _fold_fc(fc))
+            for fc in (self.rho_first_decoder, self.pi_first_decoder)
         )
-        pi_net = pi_fc if any(k > 1 for k in pi_fc.n_cat_list) else partial(_apply_folded, _fold_fc(pi_fc))
         for start in range(0, n, _DECODE_ROWS):
             block = slice(start, start + _DECODE_ROWS)
             rho_first = rho_net(rows_rho[block])
