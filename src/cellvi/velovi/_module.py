@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributions import Normal
 
 from ._constants import VELOVI_REGISTRY_KEYS
-from ._kinetics import exp_diff, induction, repression, transcription_rate
+from ._kinetics import exp_diff, induction, repression, switch_kinetics, transcription_rate
 from ._special import lgamma_digamma, trigamma
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -905,9 +905,15 @@ class VELOVAE(BaseModuleClass):
         time_dep = self.time_dep_transcription_rate
         a1, lam = (r["alpha_1"], r["lambda_alpha"]) if time_dep else (None, None)
         t_s = self.switch_time()
-        t_ind = px_rho * t_s
-        u_ind, s_ind = induction(alpha, beta, gamma, t_ind, a1, lam)
-        tau_rep, u_sw, s_sw, u_rep, s_rep = self._repression_branch(r, t_s, px_tau, a1, lam)
+        if torch.is_grad_enabled() and not time_dep and px_rho.shape == px_tau.shape:
+            # training: one node with a hand-written gradient (the same values)
+            t_ind, tau_rep, u_ind, s_ind, u_rep, s_rep, u_sw, s_sw = switch_kinetics(
+                px_rho, px_tau, alpha, beta, gamma, t_s, self.t_max
+            )
+        else:
+            t_ind = px_rho * t_s
+            u_ind, s_ind = induction(alpha, beta, gamma, t_ind, a1, lam)
+            tau_rep, u_sw, s_sw, u_rep, s_rep = self._repression_branch(r, t_s, px_tau, a1, lam)
         alpha_ss = r["alpha_1"] if time_dep else alpha
         return {
             "t_s": t_s,
