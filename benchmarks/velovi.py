@@ -82,9 +82,7 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=5, help="calls of each post-hoc method per model (medians reported)"
     )
-    parser.add_argument(
-        "--train-repeats", type=int, default=3, help="trainings per model (medians reported)"
-    )
+    parser.add_argument("--train-repeats", type=int, default=3, help="trainings per model (medians reported)")
     add_json_argument(parser)
     args = parser.parse_args()
     if args.repeats < 1:
@@ -150,10 +148,15 @@ def main() -> None:
     for r in range(args.train_repeats):
         for name, cls in list(models.items())[:: 1 if r % 2 == 0 else -1]:
             model, data = fresh_model(cls)
-            m = measure(lambda model=model: model.train(max_epochs=args.max_epochs, enable_progress_bar=False))
+            m = measure(
+                lambda model=model: model.train(max_epochs=args.max_epochs, enable_progress_bar=False)
+            )
             res = results[name]
             res["train"].append((m.wall_s, m.cpu_s, m.peak_mb))
-            print(f"  {name}: trained {args.max_epochs} epochs in {m.wall_s:.1f}s wall / {m.cpu_s:.1f}s CPU", flush=True)
+            print(
+                f"  {name}: trained {args.max_epochs} epochs in {m.wall_s:.1f}s wall / {m.cpu_s:.1f}s CPU",
+                flush=True,
+            )
             if "model" not in res:
                 res["model"], res["data"] = model, data
     for name, res in results.items():

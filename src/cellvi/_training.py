@@ -89,24 +89,61 @@ class EpochMetricsTrainingPlan(TrainingPlan):
       otherwise train with batch norm and dropout frozen.
     """
 
+    #: Train the parameters as views of one flat buffer, their gradients as views of another (opt-in per
+    #: subclass; Adam / AdamW in one process only). The optimiser then steps, gradient clipping takes the
+    #: norm of, and zeroing fills, one tensor instead of one per parameter: for a small model, where
+    #: the per-tensor loops cost as much as the update itself. The same update (the gradient norm is
+    #: summed in another order, so clipping can differ in the last float bits).
+    flat_parameters: bool = False
+
     def __init__(self, module, **kwargs):
         super().__init__(module, **kwargs)
         self._sums: dict[str, torch.Tensor | None] = {"train": None, "validation": None}
         self._extra_keys: dict[str, list[str]] = {"train": [], "validation": []}
+        self._flat: torch.nn.Parameter | None = None
 
     def _optimizer_creator_fn(self, optimizer_cls):
-        """Adam / AdamW with the plan's settings, fused on CPU and CUDA parameters (the same update)."""
+        """Adam / AdamW with the plan's settings, fused on CPU and CUDA parameters (the same update), over
+        one flat parameter when :attr:`flat_parameters` is set."""
 
         def create(params):
             params = list(params)
             fused = bool(params) and all(
                 p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
             )
+            self._flat = None
+            if self.flat_parameters and self._can_flatten(params):
+                self._flat = _flatten_parameters(params)
+                params = [self._flat]
             return optimizer_cls(
                 params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=fused or None
             )
 
         return create
+
+    def _can_flatten(self, params: list[torch.nn.Parameter]) -> bool:
+        trainer = getattr(self, "_trainer", None)
+        single = trainer is None or trainer.world_size == 1
+        return (
+            single
+            and bool(params)
+            and len({(p.device, p.dtype) for p in params}) == 1
+            and len({id(p) for p in params}) == len(params)
+        )
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
+        """Zero the flat gradient in place (its views are the parameters' ``.grad``), or scvi-tools' /
+        Lightning's ``optimizer.zero_grad()``."""
+        if self._flat is None:
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+        else:
+            self._flat.attach_grad().zero_()
+
+    def on_validation_model_zero_grad(self) -> None:
+        """Lightning releases the gradients before validating (``module.zero_grad()``); flat gradients stay,
+        as the parameters' ``.grad`` must remain views of them (each training step zeroes them first)."""
+        if self._flat is None:
+            super().on_validation_model_zero_grad()
 
     def on_fit_start(self) -> None:
         """Put the module in training mode (a second ``train`` call must not train it frozen), and
@@ -233,3 +270,40 @@ class EpochMetricsTrainingPlan(TrainingPlan):
         """Log the epoch's validation metrics (early stopping reads ``elbo_validation``)."""
         self._log_epoch("validation")
         super().on_validation_epoch_end()
+
+
+class _FlatParameter(torch.nn.Parameter):
+    """The flat parameter of :func:`_flatten_parameters`: ``attach_grad()`` makes its gradient (zeroed when
+    new) and the parameters' ``.grad`` views of it again if anything replaced or released one (such as
+    ``zero_grad(set_to_none=True)``, which Lightning calls at times)."""
+
+    def attach_grad(self) -> torch.Tensor:
+        grad, params, views = self.grad, self._params, self._grad_views
+        if grad is not None and all(p.grad is v for p, v in zip(params, views)):
+            return grad
+        if grad is None:
+            grad = self.grad = torch.zeros_like(self)
+        views = []
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = grad[offset : offset + n].view_as(p)
+            views.append(p.grad)
+            offset += n
+        self._grad_views = views
+        return grad
+
+
+def _flatten_parameters(params: list[torch.nn.Parameter]) -> _FlatParameter:
+    """One parameter holding the values of ``params``, which become views of it (``p.data``), with a zeroed
+    flat gradient whose views are their ``.grad`` (autograd accumulates into a defined ``.grad`` in place).
+    The module's parameters keep their identity, shape and values."""
+    flat = _FlatParameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.data = flat.data[offset : offset + n].view_as(p)
+        offset += n
+    flat._params, flat._grad_views = params, []
+    flat.attach_grad()
+    return flat

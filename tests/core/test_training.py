@@ -109,3 +109,46 @@ def test_epoch_metrics_reach_callbacks_progress_bar_and_loggers(trained_velovi):
     assert history["elbo_validation"].index.tolist() == [0, 1, 2]
     # the KL weight of each epoch is the one reached at its end (scvi-tools' linear warm-up)
     assert np.all(np.diff(history["kl_weight"].to_numpy(float).ravel()) > 0)
+
+
+class _ReleaseGrads(Callback):
+    """Releases every parameter's gradient before each step (as ``zero_grad(set_to_none=True)`` does)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.module.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("release", [False, True], ids=["plain", "grads-released"])
+def test_flat_parameters_train_as_per_parameter_updates(release, monkeypatch):
+    """VELOVI's plan steps one flat parameter: the same training as per-parameter AdamW (to float rounding,
+    the gradient norm being summed in another order), parameters updated in place as views of one buffer,
+    gradients zeroed every step even when something released them, and a second train call works."""
+    import scvi
+    import torch
+
+    from cellvi.velovi._training import VELOVITrainingPlan
+
+    kw = {"max_epochs": 4, "batch_size": 64, "enable_progress_bar": False}
+    runs = {}
+    for flat in (False, True):
+        monkeypatch.setattr(VELOVITrainingPlan, "flat_parameters", flat)
+        scvi.settings.seed = 0  # the same initial parameters and minibatches
+        model = _velovi()
+        before = {k: v.clone() for k, v in model.module.state_dict().items()}
+        model.train(**({"callbacks": [_ReleaseGrads()]} if release else {}), **kw)
+        runs[flat] = (model, {k: v.clone() for k, v in model.module.state_dict().items()}, before)
+    (ref, ref_state, before), (model, state, _) = runs[False], runs[True]
+    assert state.keys() == ref_state.keys()
+    moved = [k for k in state if state[k].is_floating_point() and not torch.equal(state[k], before[k])]
+    assert len(moved) > 10
+    for key in moved:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=1e-3, atol=1e-3, msg=key)
+    np.testing.assert_allclose(
+        model.history["elbo_train"].to_numpy(float), ref.history["elbo_train"].to_numpy(float), rtol=1e-4
+    )
+    trained = [p for p in model.module.parameters() if p.requires_grad]
+    storages = {p.untyped_storage().data_ptr() for p in trained}
+    assert len(storages) == 1  # views of one buffer
+    model.train(**kw)  # again: flattened anew, still training
+    assert np.isfinite(model.history["elbo_train"].to_numpy(float)).all()
+    assert not torch.equal(model.module.state_dict()[moved[0]], state[moved[0]])

@@ -140,7 +140,11 @@ def _switch_inputs(case, n_genes=12, lead=(3, 5), seed=0):
     def rand(*shape, scale=1.0, low=0.0):
         return torch.rand(*shape, generator=g, dtype=torch.float64) * scale + low
 
-    alpha, beta, gamma = rand(n_genes, scale=3, low=0.1), rand(n_genes, scale=3, low=0.1), rand(n_genes, scale=3, low=0.1)
+    alpha, beta, gamma = (
+        rand(n_genes, scale=3, low=0.1),
+        rand(n_genes, scale=3, low=0.1),
+        rand(n_genes, scale=3, low=0.1),
+    )
     if case == "near":  # |beta - gamma| below the Taylor threshold, both signs
         gamma = beta + (rand(n_genes) - 0.5) * 1e-4
     elif case == "equal":
@@ -162,14 +166,19 @@ def test_switch_kinetics_matches_autograd_of_the_closed_forms(case, outputs):
     out, expected = switch_kinetics(*mine, 20.0), _switch_reference(*ref, 20.0)
     for a, b in zip(out, expected):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype) for i, o in enumerate(out)]
+    weights = [
+        torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype)
+        for i, o in enumerate(out)
+    ]
     sum((out[i] * weights[i]).sum() for i in outputs).backward()
     sum((expected[i] * weights[i]).sum() for i in outputs).backward()
     for name, a, b in zip(["rho", "tau", "alpha", "beta", "gamma", "t_s"], mine, ref):
         if b.grad is None:
             assert a.grad is None or not a.grad.any(), name
         else:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9 * b.grad.abs().max().item(), msg=name)
+            torch.testing.assert_close(
+                a.grad, b.grad, rtol=1e-9, atol=1e-9 * b.grad.abs().max().item(), msg=name
+            )
 
 
 def test_switch_kinetics_gradcheck_and_float32():

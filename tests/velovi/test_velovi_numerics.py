@@ -284,3 +284,46 @@ def test_decoder_in_eval_folds_batch_norm_without_changing_outputs(
     for a, b in zip(folded, reference, strict=True):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [0, -1])
+def test_dirichlet_log_rsample_gradient_is_autograd_through_the_gamma_draws(dim):
+    # the hand-written backward of the training path against autograd through log_gamma_rsample and a
+    # logsumexp, on the same draws (same seed), in float64; small concentrations included
+    a = torch.cat(
+        [torch.rand(4, 40, 6, dtype=torch.float64) * 3 + 0.01, torch.full((4, 2, 6), 0.02).double()], 1
+    )
+    a = a if dim == 0 else a.movedim(0, -1).contiguous()
+    mine, ref = a.clone().requires_grad_(), a.clone().requires_grad_()
+    torch.manual_seed(11)
+    out = dirichlet_log_rsample(mine, dim=dim)
+    torch.manual_seed(11)
+    log_x = log_gamma_rsample(ref)
+    expected = log_x - torch.logsumexp(log_x, dim=dim, keepdim=True)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(out)
+    ((out * w).sum() + out.exp().pow(2).sum()).backward()  # through log pi and through pi
+    ((expected * w).sum() + expected.exp().pow(2).sum()).backward()
+    torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_mixture_log_likelihood_far_from_every_state():
+    # observations many standard deviations from some states (exp arguments below float32's normal
+    # range, which the forward floors): values and gradients as the reference formula's in float32
+    torch.manual_seed(12)
+    b, g = 64, 5
+    log_pi = torch.log_softmax(torch.randn(b, g, 4), -1).requires_grad_()
+    k = {key: (torch.rand(b, g) * 0.1).requires_grad_() for key in ("u_ind", "u_rep", "s_ind", "s_rep")}
+    k["u_steady"] = torch.full((g,), 3.0).requires_grad_()
+    k["s_steady"] = torch.full((g,), 4.0).requires_grad_()
+    sd = torch.full((2, g, 4), 0.05).requires_grad_()
+    u, s = torch.rand(b, g) * 4, torch.rand(b, g) * 4  # up to 80 sd from a mean: exp(-3200)
+    inputs = [log_pi, *(k[n] for n in ("u_ind", "u_rep", "s_ind", "s_rep", "u_steady", "s_steady")), sd]
+    got = mixture_log_likelihood(log_pi, k, sd, u, s)
+    expected = _reference_mixture_ll(log_pi, k, sd, u, s)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+    w = torch.rand_like(got)
+    for a, e in zip(
+        torch.autograd.grad((got * w).sum(), inputs), torch.autograd.grad((expected * w).sum(), inputs)
+    ):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-3)

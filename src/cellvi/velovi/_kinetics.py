@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ._special import EXP_FLOOR
+
 EPS = 1e-6
 
 
@@ -109,7 +111,6 @@ def transcription_rate(
     return alpha_1 - (alpha_1 - alpha) * torch.exp(-lambda_alpha * t)
 
 
-
 class _SwitchKinetics(torch.autograd.Function):
     """Induction and repression abundances at the decoded positions, with a hand-written gradient.
 
@@ -133,16 +134,18 @@ class _SwitchKinetics(torch.autograd.Function):
         n = rho.numel() // g
         t_ind, tau_rep = rho * t_s, (t_max - t_s) * tau
         times = torch.cat([t_ind.reshape(n, g), tau_rep.reshape(n, g), t_s.reshape(1, g)])
-        low, gap, beta_larger = _low_and_gap(gamma, beta)
+        _, gap, beta_larger = _low_and_gap(gamma, beta)
         small = gap < _NEAR_EQUAL
         safe = torch.where(small, torch.ones_like(gap), gap)
         # exp and expm1 of the same products: 1 + expm1 would lose the relative accuracy of small
         # exponentials, which D = exp(-gamma t) (1 - exp(-d t)) / d multiplies by large ratios
-        bt, gt = times * -beta, times * -gamma
+        # (floored at EXP_FLOOR: exp takes a slow path below float32's normal range, where the terms are
+        # negligible; expm1 is -1 there either way)
+        bt, gt = (times * -beta).clamp_min_(EXP_FLOOR), (times * -gamma).clamp_min_(EXP_FLOOR)
         e_b, e_g = torch.exp(bt), torch.exp(gt)
         u1 = torch.expm1(bt).div_(-beta)  # (1 - exp(-beta t)) / beta = u / alpha
         ug = torch.expm1(gt).div_(-gamma)
-        em_d = torch.expm1(times * -gap)
+        em_d = torch.expm1((times * -gap).clamp_min_(EXP_FLOOR))
         ratio = em_d / -safe  # (1 - exp(-gap t)) / gap
         if times.device.type != "cpu" or bool(small.any()):
             ratio = torch.where(small, _taylor_ratio(gap, times), ratio)
@@ -167,7 +170,9 @@ class _SwitchKinetics(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_t, g_tau, g_ui, g_si, g_ur, g_sr, g_usw, g_ssw):
-        rho, tau, alpha, beta, gamma, t_s, times, e_b, em_d, e_g, e_low, ratio, big_d, u1, ug, s1 = ctx.saved_tensors
+        rho, tau, alpha, beta, gamma, t_s, times, e_b, em_d, e_g, e_low, ratio, big_d, u1, ug, s1 = (
+            ctx.saved_tensors
+        )
         n, g = ctx.n, times.shape[-1]
         small, safe, gap = ctx.small, ctx.safe, ctx.gap
         # D = exp(-low t) F(gap) with F = (1 - exp(-gap t)) / gap; dF/dgap = (t exp(-gap t) - F) / gap, or the

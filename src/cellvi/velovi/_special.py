@@ -8,7 +8,8 @@ recurrence terms folded into two cubic polynomials ``p(v) = v (v + 1) (v + 2)`` 
 ``v = x + 3``: ``sum_k 1 / (x + k) = p'(x) / p(x) + p'(x + 3) / p(x + 3)`` and
 ``sum_k 1 / (x + k)^2 = (p'^2 - p p'') / p^2`` summed likewise. Accurate to a few float32 ulps (absolute
 near the zeros of ``lgamma``) for every ``x`` in ``(0, 1e12)``, tested against ``torch.special`` in
-float64. Inputs must be positive (Dirichlet concentrations are).
+float64. Inputs must be positive (Dirichlet concentrations are). And ``exp_floored_``, ``exp`` with its
+arguments kept out of the CPU kernel's slow range.
 """
 
 from __future__ import annotations
@@ -62,3 +63,16 @@ def trigamma(x: torch.Tensor) -> torch.Tensor:
     r2 = r * r
     series = r * (1.0 + r * (0.5 + r * (1.0 / 6 - r2 * (1.0 / 30 - r2 * (1.0 / 42 - r2 * (1.0 / 30))))))
     return series + shift
+
+
+#: Floor of the arguments of ``exp`` where results that small are negligible next to larger terms (log-space
+#: normalisers, whose largest term is 1; decaying exponentials of the kinetics): PyTorch's vectorised CPU
+#: ``exp`` takes a slow path, 10-30x slower per element, for arguments below float32's normal range (about
+#: -87.3, where the result is subnormal or 0; 2.8 ms against 0.08 ms for 102,400 values at -95 on one
+#: core). exp(-87) = 1.6e-38 instead: the same float32 sums.
+EXP_FLOOR = -87.0
+
+
+def exp_floored_(x: torch.Tensor) -> torch.Tensor:
+    """``exp`` of ``x`` in place, the arguments floored at :data:`EXP_FLOOR`."""
+    return x.clamp_min_(EXP_FLOOR).exp_()
