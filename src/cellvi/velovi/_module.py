@@ -21,7 +21,7 @@ from torch.distributions import Normal
 
 from ._constants import VELOVI_REGISTRY_KEYS
 from ._kinetics import exp_diff, induction, repression, switch_kinetics, transcription_rate
-from ._special import exp_floored_, lgamma_digamma, trigamma
+from ._special import exp_floored_, lgamma_digamma, lgamma_digamma_trigamma
 
 _LOG_2PI = math.log(2 * math.pi)
 _TINY = float(torch.finfo(torch.float32).eps)
@@ -518,25 +518,26 @@ class _KLDirichlet(torch.autograd.Function):
     def forward(ctx, a: torch.Tensor, prior: float, dim: int = -1):
         k = a.shape[dim]
         a0 = a.sum(dim)
-        (lg_a, lg_a0), (dig_a, dig_a0) = _special_of_both(lgamma_digamma, a, a0)
+        grad = ctx.needs_input_grad[0]
+        # the special functions of a and a0 in one call, trigamma (for the gradient) from the same terms
+        special = _special_of_both(lgamma_digamma_trigamma if grad else lgamma_digamma, a, a0)
+        (lg_a, lg_a0), (dig_a, dig_a0) = special[:2]
         out = (
             lg_a0
             - lg_a.sum(dim)
             + (k * math.lgamma(prior) - math.lgamma(prior * k))
             + ((a - prior) * (dig_a - dig_a0.unsqueeze(dim))).sum(dim)
         )
-        ctx.save_for_backward(a, a0)
-        ctx.prior, ctx.dim = prior, dim
+        if grad:  # dKL/da, formed here: the backward pass is one product
+            tri_a, tri_a0 = special[2]
+            ctx.save_for_backward((a - prior) * tri_a - ((a0 - k * prior) * tri_a0).unsqueeze(dim))
+        ctx.dim = dim
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        a, a0 = ctx.saved_tensors
-        dim = ctx.dim
-        k = a.shape[dim]
-        ((tri_a, tri_a0),) = _special_of_both(lambda x: (trigamma(x),), a, a0)
-        grad = (a - ctx.prior) * tri_a - ((a0 - k * ctx.prior) * tri_a0).unsqueeze(dim)
-        return grad * grad_out.unsqueeze(dim), None, None
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.unsqueeze(ctx.dim), None, None
 
 
 def _special_of_both(fn, a: torch.Tensor, a0: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -544,7 +545,7 @@ def _special_of_both(fn, a: torch.Tensor, a0: torch.Tensor) -> list[tuple[torch.
     (each of these special functions is some thirty array operations): for each result, its values at ``a``
     and at ``a0``."""
     both = torch.cat([a.reshape(-1), a0.reshape(-1)])
-    return [(r[: a.numel()].view(a.shape), r[a.numel() :].view(a0.shape)) for r in fn(both)]
+    return [(r[: a.numel()].view(a.shape), r[a.numel() :].view(a0.shape)) for r in fn(both) if r is not None]
 
 
 def kl_dirichlet(concentration: torch.Tensor, prior: float, dim: int = -1) -> torch.Tensor:

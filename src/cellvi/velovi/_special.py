@@ -30,6 +30,15 @@ def _cubic(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def lgamma_digamma(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log Gamma(x), psi(x))`` for ``x > 0``, sharing the shifted argument and recurrence terms."""
+    return _special(x, trigamma=False)[:2]
+
+
+def lgamma_digamma_trigamma(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log Gamma(x), psi(x), psi'(x))`` for ``x > 0`` in one pass over the shared terms."""
+    return _special(x, trigamma=True)
+
+
+def _special(x: torch.Tensor, trigamma: bool):
     p1, q1 = _cubic(x)
     p2, q2 = _cubic(x + 3)
     y = x + 6
@@ -39,8 +48,15 @@ def lgamma_digamma(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     lg_series = r * (1.0 / 12 - r2 * (1.0 / 360 - r2 * (1.0 / 1260 - r2 * (1.0 / 1680))))
     lgamma = (y - 0.5) * log_y - y + _HALF_LOG_2PI + lg_series - torch.log(p1) - torch.log(p2)
     dg_series = r2 * (1.0 / 12 - r2 * (1.0 / 120 - r2 * (1.0 / 252 - r2 * (1.0 / 240))))
-    digamma = log_y - 0.5 * r - dg_series - q1 / p1 - q2 / p2
-    return lgamma, digamma
+    if not trigamma:
+        return lgamma, log_y - 0.5 * r - dg_series - q1 / p1 - q2 / p2, None
+    inv1, inv2 = torch.reciprocal(p1), torch.reciprocal(p2)
+    a1, a2 = q1 * inv1, q2 * inv2  # p'/p at x and x + 3
+    digamma = log_y - 0.5 * r - dg_series - a1 - a2
+    # sum_k 1 / (v + k)^2 = (p'/p)^2 - p''/p with p'' = 6 (v + 1)
+    shift = a1 * a1 - 6 * (x + 1) * inv1 + a2 * a2 - 6 * (x + 4) * inv2
+    series = r * (1.0 + r * (0.5 + r * (1.0 / 6 - r2 * (1.0 / 30 - r2 * (1.0 / 42 - r2 * (1.0 / 30))))))
+    return lgamma, digamma, series + shift
 
 
 def lgamma(x: torch.Tensor) -> torch.Tensor:
