@@ -78,7 +78,7 @@ class EpochMetricsTrainingPlan(TrainingPlan):
     per metric on a CPU; under DDP the per-process sums are added up first (exact epoch means).
     Losses, optimisers, KL warm-up and learning-rate schedulers are scvi-tools'.
 
-    Two further differences, neither of which changes what is optimised:
+    Three further differences, none of which changes what is optimised:
 
     - Adam / AdamW use PyTorch's fused kernel on CPU and CUDA parameters (the same update in one
       pass over the parameters; unfused Adam costs several milliseconds per step on a CPU).
@@ -93,14 +93,17 @@ class EpochMetricsTrainingPlan(TrainingPlan):
     #: subclass; Adam / AdamW in one process only). The optimiser then steps, gradient clipping takes the
     #: norm of, and zeroing fills, one tensor instead of one per parameter: for a small model, where
     #: the per-tensor loops cost as much as the update itself. The same update (the gradient norm is
-    #: summed in another order, so clipping can differ in the last float bits).
+    #: summed in another order, so clipping can differ in the last float bits) when every parameter gets
+    #: a gradient each step, as in VELOVI: a parameter without one gets a zero gradient, so weight decay
+    #: and momentum still move it where per-parameter Adam would skip it. Code that replaces a
+    #: parameter's ``.grad`` between backward and the optimiser step is not seen (the flat gradient is).
     flat_parameters: bool = False
 
     def __init__(self, module, **kwargs):
         super().__init__(module, **kwargs)
         self._sums: dict[str, torch.Tensor | None] = {"train": None, "validation": None}
         self._extra_keys: dict[str, list[str]] = {"train": [], "validation": []}
-        self._flat: torch.nn.Parameter | None = None
+        self._flat: _FlatParameters | None = None
 
     def _optimizer_creator_fn(self, optimizer_cls):
         """Adam / AdamW with the plan's settings, fused on CPU and CUDA parameters (the same update), over
@@ -113,8 +116,8 @@ class EpochMetricsTrainingPlan(TrainingPlan):
             )
             self._flat = None
             if self.flat_parameters and self._can_flatten(params):
-                self._flat = _flatten_parameters(params)
-                params = [self._flat]
+                self._flat = _FlatParameters(params)
+                params = [self._flat.param]
             return optimizer_cls(
                 params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=fused or None
             )
@@ -272,38 +275,36 @@ class EpochMetricsTrainingPlan(TrainingPlan):
         super().on_validation_epoch_end()
 
 
-class _FlatParameter(torch.nn.Parameter):
-    """The flat parameter of :func:`_flatten_parameters`: ``attach_grad()`` makes its gradient (zeroed when
-    new) and the parameters' ``.grad`` views of it again if anything replaced or released one (such as
-    ``zero_grad(set_to_none=True)``, which Lightning calls at times)."""
+class _FlatParameters:
+    """The parameters ``params`` as views of one flat leaf tensor ``param`` (``p.data``), their gradients as
+    views of its gradient. A plain holder, not a module parameter (so the plan's state dict, checkpoints
+    and summaries are unchanged). ``attach_grad()`` makes the gradient (zeroed when new) and the
+    parameters' ``.grad`` views of it again if anything replaced or released one (such as
+    ``zero_grad(set_to_none=True)``, which Lightning calls at times); autograd accumulates into a defined
+    ``.grad`` in place."""
 
-    def attach_grad(self) -> torch.Tensor:
-        grad, params, views = self.grad, self._params, self._grad_views
-        if grad is not None and all(p.grad is v for p, v in zip(params, views)):
-            return grad
-        if grad is None:
-            grad = self.grad = torch.zeros_like(self)
-        views = []
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = params
+        self.param = torch.cat([p.detach().reshape(-1) for p in params]).requires_grad_()
         offset = 0
         for p in params:
             n = p.numel()
-            p.grad = grad[offset : offset + n].view_as(p)
-            views.append(p.grad)
+            p.data = self.param.data[offset : offset + n].view_as(p)
             offset += n
-        self._grad_views = views
+        self.views: list[torch.Tensor] = []
+        self.attach_grad()
+
+    def attach_grad(self) -> torch.Tensor:
+        grad = self.param.grad
+        if grad is not None and all(p.grad is v for p, v in zip(self.params, self.views)):
+            return grad
+        if grad is None:
+            grad = self.param.grad = torch.zeros_like(self.param)
+        self.views = []
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = grad[offset : offset + n].view_as(p)
+            self.views.append(p.grad)
+            offset += n
         return grad
-
-
-def _flatten_parameters(params: list[torch.nn.Parameter]) -> _FlatParameter:
-    """One parameter holding the values of ``params``, which become views of it (``p.data``), with a zeroed
-    flat gradient whose views are their ``.grad`` (autograd accumulates into a defined ``.grad`` in place).
-    The module's parameters keep their identity, shape and values."""
-    flat = _FlatParameter(torch.cat([p.detach().reshape(-1) for p in params]))
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.data = flat.data[offset : offset + n].view_as(p)
-        offset += n
-    flat._params, flat._grad_views = params, []
-    flat.attach_grad()
-    return flat

@@ -120,15 +120,18 @@ class _ReleaseGrads(Callback):
 
 @pytest.mark.parametrize("release", [False, True], ids=["plain", "grads-released"])
 def test_flat_parameters_train_as_per_parameter_updates(release, monkeypatch):
-    """VELOVI's plan steps one flat parameter: the same training as per-parameter AdamW (to float rounding,
-    the gradient norm being summed in another order), parameters updated in place as views of one buffer,
-    gradients zeroed every step even when something released them, and a second train call works."""
+    """VELOVI's plan steps one flat parameter: the same training as per-parameter AdamW, parameters updated
+    in place as views of one buffer, gradients zeroed every step even when something released them, and a
+    second train call works. Compared without gradient clipping: clipping sums the gradient norm in another
+    order, and a last-bit difference can flip a rejection step of the Dirichlet sampler, after which the
+    two trainings drift apart by rounding (1e-3 after 4 epochs); without it they agree to ~1e-7 (the
+    fused AdamW kernel rounds vector bodies and scalar tails differently)."""
     import scvi
     import torch
 
     from cellvi.velovi._training import VELOVITrainingPlan
 
-    kw = {"max_epochs": 4, "batch_size": 64, "enable_progress_bar": False}
+    kw = {"max_epochs": 4, "batch_size": 64, "enable_progress_bar": False, "gradient_clip_val": 0}
     runs = {}
     for flat in (False, True):
         monkeypatch.setattr(VELOVITrainingPlan, "flat_parameters", flat)
@@ -142,13 +145,18 @@ def test_flat_parameters_train_as_per_parameter_updates(release, monkeypatch):
     moved = [k for k in state if state[k].is_floating_point() and not torch.equal(state[k], before[k])]
     assert len(moved) > 10
     for key in moved:
-        torch.testing.assert_close(state[key], ref_state[key], rtol=1e-3, atol=1e-3, msg=key)
+        torch.testing.assert_close(state[key], ref_state[key], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(
-        model.history["elbo_train"].to_numpy(float), ref.history["elbo_train"].to_numpy(float), rtol=1e-4
+        model.history["elbo_train"].to_numpy(float), ref.history["elbo_train"].to_numpy(float), rtol=1e-5
     )
     trained = [p for p in model.module.parameters() if p.requires_grad]
     storages = {p.untyped_storage().data_ptr() for p in trained}
     assert len(storages) == 1  # views of one buffer
+    # the flat buffer is not a parameter of the plan: checkpoints and summaries are unchanged
+    plan = model.trainer.lightning_module if model.trainer is not None else None
+    if plan is not None:
+        assert not any(name.startswith("_flat") for name, _ in plan.named_parameters())
+        assert not any(key.startswith("_flat") for key in plan.state_dict())
     model.train(**kw)  # again: flattened anew, still training
     assert np.isfinite(model.history["elbo_train"].to_numpy(float)).all()
     assert not torch.equal(model.module.state_dict()[moved[0]], state[moved[0]])

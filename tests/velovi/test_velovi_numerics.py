@@ -335,3 +335,17 @@ def test_mixture_log_likelihood_far_from_every_state():
         torch.autograd.grad((got * w).sum(), inputs), torch.autograd.grad((expected * w).sum(), inputs)
     ):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-3)
+
+
+def test_induction_repression_rsample_carries_a_gradient():
+    # the training-path draws of (pi_0, pi_2) are differentiable (the Dirichlet draw's backward reads its
+    # output, which must not be modified in place); second derivatives raise instead of being wrong
+    torch.manual_seed(13)
+    a = (torch.rand(6, 5, 4) + 0.2).requires_grad_()
+    p_ind, p_rep = induction_repression_rsample(a)
+    (p_ind * 2 + p_rep).sum().backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+    b = (torch.rand(4, 3, 2) + 0.2).requires_grad_()
+    (g,) = torch.autograd.grad(dirichlet_log_rsample(b, dim=0).exp().pow(2).sum(), b, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

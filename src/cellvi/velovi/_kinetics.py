@@ -7,6 +7,7 @@ switch time and repression starts from the abundances reached there.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._special import EXP_FLOOR
 
@@ -169,6 +170,7 @@ class _SwitchKinetics(torch.autograd.Function):
         return outputs
 
     @staticmethod
+    @once_differentiable  # first derivatives only: a second backward raises
     def backward(ctx, g_t, g_tau, g_ui, g_si, g_ur, g_sr, g_usw, g_ssw):
         rho, tau, alpha, beta, gamma, t_s, times, e_b, em_d, e_g, e_low, ratio, big_d, u1, ug, s1 = (
             ctx.saved_tensors

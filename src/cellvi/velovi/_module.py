@@ -17,6 +17,7 @@ from scvi.module._constants import MODULE_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from scvi.nn import Encoder, FCLayers
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.distributions import Normal
 
 from ._constants import VELOVI_REGISTRY_KEYS
@@ -344,6 +345,7 @@ class _DirichletLogRsample(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # first derivatives only: a second backward raises
     def backward(ctx, grad: torch.Tensor):
         out, factor = ctx.saved_tensors
         g_log_x = grad - out.exp() * grad.sum(ctx.dim, keepdim=True)
@@ -361,7 +363,7 @@ def induction_repression_rsample(concentration: torch.Tensor) -> tuple[torch.Ten
     if not (a.requires_grad and torch.is_grad_enabled()):
         return _induction_repression_sample(a)
     three = torch.stack([a[..., 0], a[..., 2], a[..., 1] + a[..., 3]])
-    p = dirichlet_log_rsample(three, dim=0)[:2].exp_()
+    p = dirichlet_log_rsample(three, dim=0)[:2].exp()  # not in place: the draw's backward reads it
     return p[0], p[1]
 
 
@@ -461,6 +463,7 @@ class _MixtureLogLik(torch.autograd.Function):
         return ll
 
     @staticmethod
+    @once_differentiable  # first derivatives only: a second backward raises
     def backward(ctx, grad):
         r, zsc, inv, sd_sf = ctx.saved_tensors
         shapes = ctx.shapes
@@ -509,9 +512,11 @@ def mixture_log_likelihood(log_pi, kinetics, sd, unspliced, spliced, states_firs
 class _KLDirichlet(torch.autograd.Function):
     """``KL(Dir(a) || Dir(b 1))`` over dimension ``dim`` with a hand-written gradient.
 
-    ``dKL/da_j = (a_j - b) psi'(a_j) - (a_0 - K b) psi'(a_0)``: two trigamma evaluations instead of the
-    four special-function evaluations plus their products that autograd would run. The forward pass uses
-    :func:`~cellvi.velovi._special.lgamma_digamma` (vectorised; PyTorch's CPU ``digamma`` is a scalar loop).
+    ``dKL/da_j = (a_j - b) psi'(a_j) - (a_0 - K b) psi'(a_0)``, formed in the forward pass with
+    trigamma from the terms that ``lgamma`` and ``digamma`` share
+    (:func:`~cellvi.velovi._special.lgamma_digamma_trigamma`: vectorised, where PyTorch's CPU ``digamma``
+    is a scalar loop); the backward pass is one product. Without a gradient to form (validation), trigamma
+    is skipped.
     """
 
     @staticmethod
@@ -535,6 +540,7 @@ class _KLDirichlet(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # first derivatives only: a second backward raises
     def backward(ctx, grad_out: torch.Tensor):
         (grad,) = ctx.saved_tensors
         return grad * grad_out.unsqueeze(ctx.dim), None, None
@@ -978,7 +984,12 @@ class VELOVAE(BaseModuleClass):
         time_dep = self.time_dep_transcription_rate
         a1, lam = (r["alpha_1"], r["lambda_alpha"]) if time_dep else (None, None)
         t_s = self.switch_time()
-        if torch.is_grad_enabled() and not time_dep and px_rho.shape == px_tau.shape:
+        if (
+            torch.is_grad_enabled()
+            and not time_dep
+            and px_rho.shape == px_tau.shape
+            and px_rho.shape[-1] == t_s.shape[-1]
+        ):
             # training: one node with a hand-written gradient (the same values)
             t_ind, tau_rep, u_ind, s_ind, u_rep, s_rep, u_sw, s_sw = switch_kinetics(
                 px_rho, px_tau, alpha, beta, gamma, t_s, self.t_max
