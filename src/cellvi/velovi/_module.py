@@ -76,22 +76,19 @@ def _noise_and_boost(d0: torch.Tensor, c0: torch.Tensor) -> tuple[torch.Tensor, 
     return eps, log_boost
 
 
-#: Trials per rejected entry and round of the rejection samplers' redraws (the first accepted one is
-#: kept: the same law as one trial per round). At acceptance >= 95%, all 3 fail with probability
-#: < 1.3e-4, so one round nearly always finishes (each round costs about 20 array operations) at 15% more
-#: trials than the first pass had entries; 1 trial took 3-5 rounds, 8 trials cost more than they saved.
+#: Trials per rejected entry and round of the torch rejection samplers' redraws (the first accepted one is
+#: kept: the same law as one trial per round; the NumPy draws take one). At acceptance >= 95%, all 3 fail
+#: with probability < 1.3e-4, so one round nearly always finishes (each round costs about 20 array
+#: operations) at 15% more trials than the first pass had entries; 1 trial took 3-5 rounds, 8 trials cost
+#: more than they saved.
 _CANDIDATES = 3
-#: Rounds of redraws before an entry that is never accepted (a NaN shape) is left as it is.
+#: Rounds of torch redraws before an entry that is never accepted (a NaN shape) is left as it is.
 _REDRAW_ROUNDS = 32
 
 
-def _first_accepted(ok):
+def _first_accepted(ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(index, any)`` per column of the ``(trials, m)`` acceptance mask ``ok``: the first accepted trial's
-    row (``(1, m)``, for ``gather`` / ``take_along_axis``; 0 where none was) and whether one was. Torch
-    tensors or NumPy arrays."""
-    if isinstance(ok, np.ndarray):
-        pick = ok.argmax(0)[None]
-        return pick, np.take_along_axis(ok, pick, 0)[0]
+    row (``(1, m)``, for ``gather``; 0 where none was) and whether one was."""
     pick = ok.to(torch.uint8).argmax(0, keepdim=True)
     return pick, ok.gather(0, pick)[0]
 
@@ -263,23 +260,28 @@ def _log_gamma_try(a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _redraw_rejected(a, out, todo, trial=None, rounds: int | None = None) -> None:
-    """Redraw the entries ``todo`` of 1-D ``out`` (shapes ``a``) until accepted: :data:`_CANDIDATES` trials
-    per entry and round, the first accepted kept; entries still rejected after ``rounds`` rounds (default
-    :data:`_REDRAW_ROUNDS`), such as NaN shapes, keep their value, as in :func:`log_gamma_rsample`. One
-    call for all chunks. Torch tensors or NumPy arrays alike: ``trial(shapes)`` returns one draw per entry
-    and the acceptance mask (default: :func:`_log_gamma_try` on torch's generator)."""
+    """Redraw the entries ``todo`` of 1-D ``out`` (shapes ``a``) until accepted; entries still rejected after
+    ``rounds`` rounds (default: about 96 trials per entry), such as NaN shapes, keep their value, as in
+    :func:`log_gamma_rsample`. One call for all chunks. Torch tensors or NumPy arrays alike:
+    ``trial(shapes)`` returns one draw per entry and the acceptance mask (default: :func:`_log_gamma_try` on
+    torch's generator). Torch draws :data:`_CANDIDATES` trials per entry and round and keeps the first
+    accepted (fewer rounds of about 20 operations each); NumPy, whose operations cost little per call,
+    draws one (no surplus trials over the millions of draws of the posterior summaries)."""
     trial = trial or _torch_trial
     numpy = isinstance(out, np.ndarray)
-    for _ in range(_REDRAW_ROUNDS if rounds is None else rounds):
+    k = 1 if numpy else _CANDIDATES
+    for _ in range(_REDRAW_ROUNDS * _CANDIDATES // k if rounds is None else rounds):
         if len(todo) == 0:
             return
         shapes = a[todo]
-        value, ok = trial(np.tile(shapes, _CANDIDATES) if numpy else shapes.repeat(_CANDIDATES))
-        pick, got = _first_accepted(ok.reshape(_CANDIDATES, -1))
-        value = value.reshape(_CANDIDATES, -1)
-        value = np.take_along_axis(value, pick, 0)[0] if numpy else value.gather(0, pick)[0]
-        out[todo[got]] = value[got]
-        todo = todo[~got]
+        if k == 1:
+            value, ok = trial(shapes)
+        else:
+            value, ok = trial(shapes.repeat(k))
+            pick, ok = _first_accepted(ok.reshape(k, -1))
+            value = value.reshape(k, -1).gather(0, pick)[0]
+        out[todo[ok]] = value[ok]
+        todo = todo[~ok]
 
 
 def _torch_trial(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
