@@ -89,64 +89,24 @@ class EpochMetricsTrainingPlan(TrainingPlan):
       otherwise train with batch norm and dropout frozen.
     """
 
-    #: Train the parameters as views of one flat buffer, their gradients as views of another (opt-in per
-    #: subclass; Adam / AdamW in one process only). The optimiser then steps, gradient clipping takes the
-    #: norm of, and zeroing fills, one tensor instead of one per parameter: for a small model, where
-    #: the per-tensor loops cost as much as the update itself. The same update (the gradient norm is
-    #: summed in another order, so clipping can differ in the last float bits) when every parameter gets
-    #: a gradient each step, as in VELOVI: a parameter without one gets a zero gradient, so weight decay
-    #: and momentum still move it where per-parameter Adam would skip it. Code that replaces a
-    #: parameter's ``.grad`` between backward and the optimiser step is not seen (the flat gradient is).
-    flat_parameters: bool = False
-
     def __init__(self, module, **kwargs):
         super().__init__(module, **kwargs)
         self._sums: dict[str, torch.Tensor | None] = {"train": None, "validation": None}
         self._extra_keys: dict[str, list[str]] = {"train": [], "validation": []}
-        self._flat: _FlatParameters | None = None
 
     def _optimizer_creator_fn(self, optimizer_cls):
-        """Adam / AdamW with the plan's settings, fused on CPU and CUDA parameters (the same update), over
-        one flat parameter when :attr:`flat_parameters` is set."""
+        """Adam / AdamW with the plan's settings, fused on CPU and CUDA parameters (the same update)."""
 
         def create(params):
             params = list(params)
             fused = bool(params) and all(
                 p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
             )
-            self._flat = None
-            if self.flat_parameters and self._can_flatten(params):
-                self._flat = _FlatParameters(params)
-                params = [self._flat.param]
             return optimizer_cls(
                 params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=fused or None
             )
 
         return create
-
-    def _can_flatten(self, params: list[torch.nn.Parameter]) -> bool:
-        trainer = getattr(self, "_trainer", None)
-        single = trainer is None or trainer.world_size == 1
-        return (
-            single
-            and bool(params)
-            and len({(p.device, p.dtype) for p in params}) == 1
-            and len({id(p) for p in params}) == len(params)
-        )
-
-    def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
-        """Zero the flat gradient in place (its views are the parameters' ``.grad``), or scvi-tools' /
-        Lightning's ``optimizer.zero_grad()``."""
-        if self._flat is None:
-            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
-        else:
-            self._flat.attach_grad().zero_()
-
-    def on_validation_model_zero_grad(self) -> None:
-        """Lightning releases the gradients before validating (``module.zero_grad()``); flat gradients stay,
-        as the parameters' ``.grad`` must remain views of them (each training step zeroes them first)."""
-        if self._flat is None:
-            super().on_validation_model_zero_grad()
 
     def on_fit_start(self) -> None:
         """Put the module in training mode (a second ``train`` call must not train it frozen), and
@@ -273,38 +233,3 @@ class EpochMetricsTrainingPlan(TrainingPlan):
         """Log the epoch's validation metrics (early stopping reads ``elbo_validation``)."""
         self._log_epoch("validation")
         super().on_validation_epoch_end()
-
-
-class _FlatParameters:
-    """The parameters ``params`` as views of one flat leaf tensor ``param`` (``p.data``), their gradients as
-    views of its gradient. A plain holder, not a module parameter (so the plan's state dict, checkpoints
-    and summaries are unchanged). ``attach_grad()`` makes the gradient (zeroed when new) and the
-    parameters' ``.grad`` views of it again if anything replaced or released one (such as
-    ``zero_grad(set_to_none=True)``, which Lightning calls at times); autograd accumulates into a defined
-    ``.grad`` in place."""
-
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        self.params = params
-        self.param = torch.cat([p.detach().reshape(-1) for p in params]).requires_grad_()
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.data = self.param.data[offset : offset + n].view_as(p)
-            offset += n
-        self.views: list[torch.Tensor] = []
-        self.attach_grad()
-
-    def attach_grad(self) -> torch.Tensor:
-        grad = self.param.grad
-        if grad is not None and all(p.grad is v for p, v in zip(self.params, self.views)):
-            return grad
-        if grad is None:
-            grad = self.param.grad = torch.zeros_like(self.param)
-        self.views = []
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = grad[offset : offset + n].view_as(p)
-            self.views.append(p.grad)
-            offset += n
-        return grad

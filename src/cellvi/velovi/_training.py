@@ -11,8 +11,5 @@ class VELOVITrainingPlan(EpochMetricsTrainingPlan):
     The logged names are scvi-tools' (``train_loss``, ``elbo_train``, ``reconstruction_loss_train``,
     ``kl_local_train``, ``kl_global_train``, ``kl_weight`` and their ``validation`` counterparts),
     logged once per epoch, so ``model.history``, early stopping on ``elbo_validation`` and the
-    progress bar work as before. The optimiser (AdamW by default for veloVI) is fused where available,
-    and steps one flat parameter (:attr:`~cellvi._training.EpochMetricsTrainingPlan.flat_parameters`).
+    progress bar work as before. The optimiser (AdamW by default for veloVI) is fused where available.
     """
-
-    flat_parameters = True
