@@ -41,6 +41,20 @@ def _low_and_gap(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return torch.where(b_larger, a, b), torch.where(b_larger, d, -d), b_larger
 
 
+def _gap_ratio(gap: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``F = (1 - exp(-gap t)) / gap`` (:func:`_taylor_ratio` for near-equal rates) and its parts
+    ``(F, expm1(-gap t), small, safe)``: ``small`` marks the near-equal genes, ``safe`` is ``gap`` with 1 there.
+    The expm1 argument is floored at ``EXP_FLOOR`` (expm1 is -1 there in float32 and float64 alike); the
+    Taylor branch is skipped on the CPU when no gene is near-equal."""
+    small = gap < _NEAR_EQUAL
+    safe = torch.where(small, torch.ones_like(gap), gap)
+    em = torch.expm1((t * -gap).clamp_min_(EXP_FLOOR))
+    ratio = em / -safe
+    if t.device.type != "cpu" or bool(small.any()):
+        ratio = torch.where(small, _taylor_ratio(gap, t), ratio)
+    return ratio, em, small, safe
+
+
 def exp_diff(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``(exp(-a t) - exp(-b t)) / (b - a)``, finite and exact as ``a -> b`` (limit ``t exp(-a t)``).
 
@@ -56,9 +70,7 @@ def exp_diff(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # inference with per-gene rates, none near-equal: the expm1 branch alone (the same values;
         # 6 instead of 12 passes over t's (samples, cells, genes))
         return torch.exp(-low * t).mul_(torch.expm1(-gap * t).div_(-gap))
-    safe = torch.where(small, torch.ones_like(gap), gap)
-    ratio = torch.where(small, _taylor_ratio(gap, t), torch.expm1(-gap * t) / -safe)
-    return torch.exp(-low * t) * ratio
+    return torch.exp(-low * t) * _gap_ratio(gap, t)[0]
 
 
 def _safe_denominator(d: torch.Tensor) -> torch.Tensor:
@@ -136,8 +148,6 @@ class _SwitchKinetics(torch.autograd.Function):
         t_ind, tau_rep = rho * t_s, (t_max - t_s) * tau
         times = torch.cat([t_ind.reshape(n, g), tau_rep.reshape(n, g), t_s.reshape(1, g)])
         _, gap, beta_larger = _low_and_gap(gamma, beta)
-        small = gap < _NEAR_EQUAL
-        safe = torch.where(small, torch.ones_like(gap), gap)
         # exp and expm1 of the same products: 1 + expm1 would lose the relative accuracy of small
         # exponentials, which D = exp(-gamma t) (1 - exp(-d t)) / d multiplies by large ratios
         # (floored at EXP_FLOOR: exp takes a slow path below float32's normal range, where the terms are
@@ -146,10 +156,7 @@ class _SwitchKinetics(torch.autograd.Function):
         e_b, e_g = torch.exp(bt), torch.exp(gt)
         u1 = torch.expm1(bt).div_(-beta)  # (1 - exp(-beta t)) / beta = u / alpha
         ug = torch.expm1(gt).div_(-gamma)
-        em_d = torch.expm1((times * -gap).clamp_min_(EXP_FLOOR))
-        ratio = em_d / -safe  # (1 - exp(-gap t)) / gap
-        if times.device.type != "cpu" or bool(small.any()):
-            ratio = torch.where(small, _taylor_ratio(gap, times), ratio)
+        ratio, em_d, small, safe = _gap_ratio(gap, times)  # (1 - exp(-gap t)) / gap
         e_low = torch.where(beta_larger, e_g, e_b)
         big_d = e_low * ratio  # exp_diff(gamma, beta, t), as there
         s1 = ug - big_d  # s / alpha
@@ -163,7 +170,8 @@ class _SwitchKinetics(torch.autograd.Function):
         outputs = (t_ind, tau_rep, u[:n].view(shape), s[:n].view(shape), u_rep.view(shape), s_rep.view(shape))
         outputs = (*outputs, u_sw, s_sw)
         ctx.save_for_backward(
-            rho, tau, alpha, beta, gamma, t_s, times, e_b, em_d, e_g, e_low, ratio, big_d, u1, ug, s1
+            *(rho, tau, alpha, beta, gamma, t_s, times, e_b, em_d, e_g, e_low, ratio, big_d, u1, ug, s1),
+            *(u, s, u_rep, s_rep),
         )
         ctx.small, ctx.safe, ctx.gap, ctx.beta_larger = small, safe, gap, beta_larger
         ctx.n, ctx.t_max = n, t_max
@@ -172,9 +180,10 @@ class _SwitchKinetics(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # first derivatives only: a second backward raises
     def backward(ctx, g_t, g_tau, g_ui, g_si, g_ur, g_sr, g_usw, g_ssw):
-        rho, tau, alpha, beta, gamma, t_s, times, e_b, em_d, e_g, e_low, ratio, big_d, u1, ug, s1 = (
-            ctx.saved_tensors
+        (rho, tau, alpha, beta, gamma, t_s, times, e_b, em_d, e_g, e_low, ratio, big_d, u1, ug, s1) = (
+            ctx.saved_tensors[:16]
         )
+        u, s, u_rep, s_rep = ctx.saved_tensors[16:]  # (2n+1, G) and the repression outputs
         n, g = ctx.n, times.shape[-1]
         small, safe, gap = ctx.small, ctx.safe, ctx.gap
         # D = exp(-low t) F(gap) with F = (1 - exp(-gap t)) / gap; dF/dgap = (t exp(-gap t) - F) / gap, or the
@@ -191,7 +200,8 @@ class _SwitchKinetics(torch.autograd.Function):
             return None if x is None else x.reshape(n, g)
 
         g_ui, g_si, g_ur, g_sr = rows(g_ui), rows(g_si), rows(g_ur), rows(g_sr)
-        u_sw, s_sw = alpha * u1[-1], alpha * s1[-1]
+        u_sw, s_sw = u[-1], s[-1]
+        u_rep, s_rep = u_rep.reshape(n, g), s_rep.reshape(n, g)
         bu = beta * u_sw
         # repression rows (n:2n): dt, dbeta, dgamma, and what flows back to the switch abundances
         tr, e_b_r, e_g_r, d_r = times[n:-1], e_b[n:-1], e_g[n:-1], big_d[n:-1]
@@ -199,13 +209,10 @@ class _SwitchKinetics(torch.autograd.Function):
         p_t_r = p_b_r = p_g_r = zero
         to_u_sw, to_s_sw = g_usw, g_ssw
         if g_ur is not None:
-            u_rep = u_sw * e_b_r
             p_t_r = -g_ur * (beta * u_rep)
             p_b_r = -g_ur * (tr * u_rep)
             to_u_sw = _total([to_u_sw, (g_ur * e_b_r).sum(0)])
         if g_sr is not None:
-            u_rep = u_sw * e_b_r
-            s_rep = torch.addcmul(s_sw * e_g_r, bu, d_r)
             p_t_r = p_t_r + g_sr * (beta * u_rep - gamma * s_rep)
             p_b_r = p_b_r + g_sr * (u_sw * d_r + bu * dd_beta[n:-1])
             p_g_r = g_sr * (bu * dd_gamma[n:-1] - tr * s_sw * e_g_r)
@@ -217,7 +224,6 @@ class _SwitchKinetics(torch.autograd.Function):
         for grad, dest in ((g_ui, g_u[:n]), (g_si, g_s[:n]), (to_u_sw, g_u[-1]), (to_s_sw, g_s[-1])):
             if grad is not None:
                 dest.copy_(grad)
-        u, s = alpha * u1, alpha * s1
         p_t = g_u * e_b * alpha + g_s * (beta * u - gamma * s)
         p_a = g_u * u1 + g_s * s1
         g_sa = g_s * alpha
