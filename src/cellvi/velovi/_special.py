@@ -48,15 +48,22 @@ def _special(x: torch.Tensor, trigamma: bool):
     lg_series = r * (1.0 / 12 - r2 * (1.0 / 360 - r2 * (1.0 / 1260 - r2 * (1.0 / 1680))))
     lgamma = (y - 0.5) * log_y - y + _HALF_LOG_2PI + lg_series - torch.log(p1) - torch.log(p2)
     dg_series = r2 * (1.0 / 12 - r2 * (1.0 / 120 - r2 * (1.0 / 252 - r2 * (1.0 / 240))))
-    if not trigamma:
-        return lgamma, log_y - 0.5 * r - dg_series - q1 / p1 - q2 / p2, None
-    inv1, inv2 = torch.reciprocal(p1), torch.reciprocal(p2)
-    a1, a2 = q1 * inv1, q2 * inv2  # p'/p at x and x + 3
+    if trigamma:  # 1/p is needed again for the trigamma shift
+        inv1, inv2 = torch.reciprocal(p1), torch.reciprocal(p2)
+        a1, a2 = q1 * inv1, q2 * inv2  # p'/p at x and x + 3
+    else:
+        a1, a2 = q1 / p1, q2 / p2
     digamma = log_y - 0.5 * r - dg_series - a1 - a2
+    if not trigamma:
+        return lgamma, digamma, None
     # sum_k 1 / (v + k)^2 = (p'/p)^2 - p''/p with p'' = 6 (v + 1)
     shift = a1 * a1 - 6 * (x + 1) * inv1 + a2 * a2 - 6 * (x + 4) * inv2
-    series = r * (1.0 + r * (0.5 + r * (1.0 / 6 - r2 * (1.0 / 30 - r2 * (1.0 / 42 - r2 * (1.0 / 30))))))
-    return lgamma, digamma, series + shift
+    return lgamma, digamma, _trigamma_series(r, r2) + shift
+
+
+def _trigamma_series(r: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+    """The asymptotic series of ``psi'(y)`` in ``r = 1 / y`` (``r2 = r^2``)."""
+    return r * (1.0 + r * (0.5 + r * (1.0 / 6 - r2 * (1.0 / 30 - r2 * (1.0 / 42 - r2 * (1.0 / 30))))))
 
 
 def lgamma(x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +84,7 @@ def trigamma(x: torch.Tensor) -> torch.Tensor:
         shift = shift + (q * q - 6 * (v + 1) * p) / (p * p)
     r = torch.reciprocal(x + 6)
     r2 = r * r
-    series = r * (1.0 + r * (0.5 + r * (1.0 / 6 - r2 * (1.0 / 30 - r2 * (1.0 / 42 - r2 * (1.0 / 30))))))
-    return series + shift
+    return _trigamma_series(r, r2) + shift
 
 
 #: Floor of the arguments of ``exp`` where results that small are negligible next to larger terms (log-space
