@@ -85,6 +85,24 @@ def measure(fn: Callable[[], Any], interval: float = 0.01) -> Measurement:
     return Measurement(out, wall, cpu, max(0.0, peak[0] - start))
 
 
+def alternating(items: dict, rounds: int):
+    """``(round, key, value)`` for ``rounds`` rounds over ``items``, the order reversed every other round, so
+    that load changes hit both sides and the first call after the other side's does not always fall on the
+    same side."""
+    for r in range(rounds):
+        for key, value in list(items.items())[:: 1 if r % 2 == 0 else -1]:
+            yield r, key, value
+
+
+def paired_difference(a, b) -> tuple[float, float]:
+    """Mean of ``a - b`` over paired values (e.g. per seed) and its standard error (NaN for one pair)."""
+    import numpy as np
+
+    d = np.asarray(a, float) - np.asarray(b, float)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return float(d.mean()), se
+
+
 def at_least_as_good(q: dict) -> bool | None:
     """Whether cellvi's value of a quality row is at least as good as the original's (None: no original)."""
     c, o = q.get("cellvi"), q.get("original")

@@ -163,7 +163,7 @@ def _inner(args) -> None:
 
     torch.set_num_threads(1)
     import scvi
-    from _common import Report, at_least_as_good, measure
+    from _common import Report, at_least_as_good, measure, paired_difference
 
     from cellvi.fadvi import FADVI as CellFADVI
 
@@ -235,9 +235,7 @@ def _inner(args) -> None:
 
     # paired over seeds (both models see the same data per seed): mean difference and its standard error
     diff = {k: values["cellvi"][k] - values["fadvi"][k] for k in keys}
-    diff_se = {
-        k: float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan") for k, d in diff.items()
-    }
+    diff_se = {k: paired_difference(values["cellvi"][k], values["fadvi"][k])[1] for k in keys}
     table = pd.DataFrame(
         {
             "fadvi mean": [f[k] for k in keys],

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Report, add_json_argument, measure
+from _common import Report, add_json_argument, alternating, measure, paired_difference
 
 #: Direction of every quality metric (all are agreement with the simulated truth).
 _BETTER = "higher"
@@ -159,20 +159,15 @@ def main() -> None:
     # swapped every round, medians reported; the first model of each side is kept for the quality metrics
     # and the post-hoc methods
     results = {name: {"train": []} for name in models}
-    for r in range(args.train_repeats):
-        for name, cls in list(models.items())[:: 1 if r % 2 == 0 else -1]:
-            model, data = fresh_model(cls)
-            m = measure(
-                lambda model=model: model.train(max_epochs=args.max_epochs, enable_progress_bar=False)
-            )
-            res = results[name]
-            epochs = len(model.history["elbo_train"])  # early stopping is on (both sides' default)
-            res["train"].append((m.wall_s, m.cpu_s, m.peak_mb, epochs))
-            print(
-                f"  {name}: trained {epochs} epochs in {m.wall_s:.1f}s wall / {m.cpu_s:.1f}s CPU", flush=True
-            )
-            if "model" not in res:
-                res["model"], res["data"] = model, data
+    for _, name, cls in alternating(models, args.train_repeats):
+        model, data = fresh_model(cls)
+        m = measure(lambda model=model: model.train(max_epochs=args.max_epochs, enable_progress_bar=False))
+        res = results[name]
+        epochs = len(model.history["elbo_train"])  # early stopping is on (both sides' default)
+        res["train"].append((m.wall_s, m.cpu_s, m.peak_mb, epochs))
+        print(f"  {name}: trained {epochs} epochs in {m.wall_s:.1f}s wall / {m.cpu_s:.1f}s CPU", flush=True)
+        if "model" not in res:
+            res["model"], res["data"] = model, data
     for name, res in results.items():
         model = res["model"]
         res["epochs"] = len(model.history["elbo_train"])
@@ -212,13 +207,10 @@ def main() -> None:
     }
     for key, call in calls.items():
         times = {name: [] for name in results}
-        for r in range(args.repeats):
-            # the order swaps every round: the first call after the other model's does not always fall
-            # on the same side
-            for name, res in list(results.items())[:: 1 if r % 2 == 0 else -1]:
-                torch.manual_seed(0)
-                m = measure(lambda call=call, model=res["model"]: call(model))
-                times[name].append((m.wall_s, m.cpu_s))
+        for _, name, res in alternating(results, args.repeats):
+            torch.manual_seed(0)
+            m = measure(lambda call=call, model=res["model"]: call(model))
+            times[name].append((m.wall_s, m.cpu_s))
         for name, res in results.items():
             res[f"{key}_wall"] = float(np.median([t[0] for t in times[name]]))
             res[f"{key}_cpu"] = float(np.median([t[1] for t in times[name]]))
@@ -251,10 +243,9 @@ def main() -> None:
     diffs = []
     for key in keys:
         a, b = per_seed["cellvi"][key], per_seed["original"][key]
-        d = a - b
-        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-        diffs.append(f"{key} {d.mean():+.3f} (se {se:.3f})")
-        print(f"  {key:38s} {a.mean():7.3f}   {b.mean():7.3f}   {d.mean():+7.3f}  {se:5.3f}")
+        diff, se = paired_difference(a, b)
+        diffs.append(f"{key} {diff:+.3f} (se {se:.3f})")
+        print(f"  {key:38s} {a.mean():7.3f}   {b.mean():7.3f}   {diff:+7.3f}  {se:5.3f}")
         report.quality(key, float(a.mean()), float(b.mean()), better=_BETTER)
     if len(quality_seeds) > 1:
         columns = ["metric"] + [f"{name} seed {s}" for s in quality_seeds for name in ("original", "cellvi")]
