@@ -529,15 +529,16 @@ class _KLDirichlet(torch.autograd.Function):
         # the special functions of a and a0 in one call, trigamma (for the gradient) from the same terms
         special = _special_of_both(lgamma_digamma_trigamma if grad else lgamma_digamma, a, a0)
         (lg_a, lg_a0), (dig_a, dig_a0) = special[:2]
+        excess = a - prior
         out = (
             lg_a0
             - lg_a.sum(dim)
             + (k * math.lgamma(prior) - math.lgamma(prior * k))
-            + ((a - prior) * (dig_a - dig_a0.unsqueeze(dim))).sum(dim)
+            + dig_a.sub_(dig_a0.unsqueeze(dim)).mul_(excess).sum(dim)  # in place on the special's outputs
         )
         if grad:  # dKL/da, formed here: the backward pass is one product
             tri_a, tri_a0 = special[2]
-            ctx.save_for_backward((a - prior) * tri_a - ((a0 - k * prior) * tri_a0).unsqueeze(dim))
+            ctx.save_for_backward(tri_a.mul_(excess).sub_(((a0 - k * prior) * tri_a0).unsqueeze(dim)))
         ctx.dim = dim
         return out
 

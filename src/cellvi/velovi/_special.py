@@ -8,8 +8,9 @@ recurrence terms folded into two cubic polynomials ``p(v) = v (v + 1) (v + 2)`` 
 ``v = x + 3``: ``sum_k 1 / (x + k) = p'(x) / p(x) + p'(x + 3) / p(x + 3)`` and
 ``sum_k 1 / (x + k)^2 = (p'^2 - p p'') / p^2`` summed likewise. Accurate to a few float32 ulps (absolute
 near the zeros of ``lgamma``) for every ``x`` in ``(0, 1e12)``, tested against ``torch.special`` in
-float64. Inputs must be positive (Dirichlet concentrations are). And ``exp_floored_``, ``exp`` with its
-arguments kept out of the CPU kernel's slow range.
+float64. Inputs must be positive (Dirichlet concentrations are), and there is no autograd through them (the
+arithmetic is in place; they serve hand-written gradients). And ``exp_floored_``, ``exp`` with its arguments
+kept out of the CPU kernel's slow range.
 """
 
 from __future__ import annotations
@@ -22,10 +23,20 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def _cubic(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``p(v) = v (v + 1) (v + 2)`` and ``p'(v) = 3 v (v + 2) + 2``."""
-    v2 = v + 2
-    vv2 = v * v2
-    return vv2 * (v + 1), 3 * vv2 + 2
+    """``p(v) = v (v + 1) (v + 2)`` and ``p'(v) = 3 v (v + 2) + 2`` (two new arrays, one temporary)."""
+    p = torch.add(v, 2).mul_(v)  # v (v + 2)
+    q = torch.mul(p, 3).add_(2)
+    return p.mul_(v + 1), q
+
+
+def _alternating(r2: torch.Tensor, c: tuple[float, float, float, float], out: torch.Tensor) -> torch.Tensor:
+    """``c0 - r2 (c1 - r2 (c2 - r2 c3))`` into ``out``, by Horner's rule in place."""
+    torch.mul(r2, c[3], out=out)
+    for k in (2, 1, 0):
+        out.neg_().add_(c[k])  # c_k - out (the same rounding as the subtraction)
+        if k:
+            out.mul_(r2)
+    return out
 
 
 def lgamma_digamma(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,31 +50,44 @@ def lgamma_digamma_trigamma(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _special(x: torch.Tensor, trigamma: bool):
+    """The three functions from the shifted argument ``y = x + 6``, in place on a few arrays of ``x``'s size.
+
+    At most about eight arrays of ``x``'s size are alive at once: a long chain of fresh temporaries
+    (one per operation) made glibc return and re-map the top of the heap on every training step, about
+    600 page faults per call on ``(4, 256, 50)`` concentrations (2.6 ms against 0.8 ms without).
+    """
     p1, q1 = _cubic(x)
     p2, q2 = _cubic(x + 3)
     y = x + 6
     log_y = torch.log(y)
     r = torch.reciprocal(y)
     r2 = r * r
-    lg_series = r * (1.0 / 12 - r2 * (1.0 / 360 - r2 * (1.0 / 1260 - r2 * (1.0 / 1680))))
-    lgamma = (y - 0.5) * log_y - y + _HALF_LOG_2PI + lg_series - torch.log(p1) - torch.log(p2)
-    dg_series = r2 * (1.0 / 12 - r2 * (1.0 / 120 - r2 * (1.0 / 252 - r2 * (1.0 / 240))))
+    series = _alternating(r2, (1.0 / 12, 1.0 / 360, 1.0 / 1260, 1.0 / 1680), torch.empty_like(x)).mul_(r)
+    # lgamma = (y - 1/2) log y - y + log(2 pi) / 2 + series - log p(x) - log p(x + 3)
+    lgamma = (y - 0.5).mul_(log_y).sub_(y)
+    lgamma.add_(_HALF_LOG_2PI).add_(series).sub_(torch.log(p1)).sub_(torch.log(p2))
+    _alternating(r2, (1.0 / 12, 1.0 / 120, 1.0 / 252, 1.0 / 240), series).mul_(r2)  # digamma's series
     if trigamma:  # 1/p is needed again for the trigamma shift
-        inv1, inv2 = torch.reciprocal(p1), torch.reciprocal(p2)
-        a1, a2 = q1 * inv1, q2 * inv2  # p'/p at x and x + 3
+        inv1, inv2 = p1.reciprocal_(), p2.reciprocal_()
+        a1, a2 = q1.mul_(inv1), q2.mul_(inv2)  # p'/p at x and x + 3
     else:
-        a1, a2 = q1 / p1, q2 / p2
-    digamma = log_y - 0.5 * r - dg_series - a1 - a2
+        a1, a2 = q1.div_(p1), q2.div_(p2)
+    digamma = log_y.add_(r, alpha=-0.5).sub_(series).sub_(a1).sub_(a2)
     if not trigamma:
         return lgamma, digamma, None
     # sum_k 1 / (v + k)^2 = (p'/p)^2 - p''/p with p'' = 6 (v + 1)
-    shift = a1 * a1 - 6 * (x + 1) * inv1 + a2 * a2 - 6 * (x + 4) * inv2
-    return lgamma, digamma, _trigamma_series(r, r2) + shift
+    shift = a1.mul_(a1)
+    shift.sub_(torch.add(x, 1, out=series).mul_(6).mul_(inv1)).add_(torch.mul(a2, a2, out=series))
+    shift.sub_(torch.add(x, 4, out=series).mul_(6).mul_(inv2))
+    return lgamma, digamma, _trigamma_series(r, r2, out=series).add_(shift)
 
 
-def _trigamma_series(r: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
-    """The asymptotic series of ``psi'(y)`` in ``r = 1 / y`` (``r2 = r^2``)."""
-    return r * (1.0 + r * (0.5 + r * (1.0 / 6 - r2 * (1.0 / 30 - r2 * (1.0 / 42 - r2 * (1.0 / 30))))))
+def _trigamma_series(r: torch.Tensor, r2: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The asymptotic series of ``psi'(y)`` in ``r = 1 / y`` (``r2 = r^2``), into ``out`` if given."""
+    out = _alternating(
+        r2, (1.0 / 6, 1.0 / 30, 1.0 / 42, 1.0 / 30), torch.empty_like(r) if out is None else out
+    )
+    return out.mul_(r).add_(0.5).mul_(r).add_(1.0).mul_(r)
 
 
 def lgamma(x: torch.Tensor) -> torch.Tensor:
