@@ -85,6 +85,34 @@ def measure(fn: Callable[[], Any], interval: float = 0.01) -> Measurement:
     return Measurement(out, wall, cpu, max(0.0, peak[0] - start))
 
 
+def allocator_env() -> dict[str, str]:
+    """glibc's heap thresholds as environment variables, for benchmark subprocesses of both sides.
+
+    cellvi's training sets them in its own process (:func:`cellvi._malloc.keep_heap_pages`: freed heap pages
+    stay mapped between steps); the originals' processes get the same settings through these variables, so
+    that both sides run with the same allocator."""
+    import importlib.util
+
+    # the one file, not the package (the parents of the originals' processes need not import cellvi)
+    spec = importlib.util.spec_from_file_location(
+        "_cellvi_malloc", Path(__file__).resolve().parent.parent / "src" / "cellvi" / "_malloc.py"
+    )
+    malloc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(malloc)
+    return {
+        "MALLOC_MMAP_THRESHOLD_": str(malloc.MMAP_THRESHOLD),
+        "MALLOC_TRIM_THRESHOLD_": str(malloc.TRIM_THRESHOLD),
+    }
+
+
+def same_allocator() -> None:
+    """Set glibc's heap thresholds in this process before anything is timed (both sides of an in-process
+    benchmark then run with them, whichever trains first; see :func:`allocator_env`)."""
+    from cellvi._malloc import keep_heap_pages
+
+    keep_heap_pages()
+
+
 def alternating(items: dict, rounds: int):
     """``(round, key, value)`` for ``rounds`` rounds over ``items``, the order reversed every other round, so
     that load changes hit both sides and the first call after the other side's does not always fall on the

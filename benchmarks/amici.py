@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Report, add_json_argument
+from _common import Report, add_json_argument, allocator_env
 
 HERE = Path(__file__).resolve().parent
 ENV = HERE / "_envs" / "amici-st"
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
             cmd += ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
             cmd += ["--n-neighbors", str(args.n_neighbors), "--patch-size", str(args.patch_size)]
             cmd += [] if eps is None else ["--eps", str(eps)]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **allocator_env()}
             if impl == "cellvi":
                 env["PYTHONPATH"] = str(HERE.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
             print(f"running {impl}{'' if eps is None else f' (eps={eps:g})'} ...", flush=True)

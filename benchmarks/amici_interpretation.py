@@ -165,7 +165,7 @@ def main(argv=None) -> int:
                    "--epochs", str(args.epochs), "--n-neighbors", str(args.n_neighbors)]
             if args.n_permutations is not None:
                 cmd += ["--n-permutations", str(args.n_permutations)]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **_common().allocator_env()}
             if impl == "cellvi":
                 env["PYTHONPATH"] = str(HERE.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
             print(f"running {impl} ...", flush=True)

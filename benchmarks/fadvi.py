@@ -318,7 +318,7 @@ def _inner(args) -> None:
 
 
 def main(argv=None) -> int:
-    from _common import add_json_argument
+    from _common import add_json_argument, allocator_env
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-cells", type=int, default=4000)
@@ -345,7 +345,9 @@ def main(argv=None) -> int:
     py = _ensure_env()
     cmd = [str(py), __file__, "--inner", *(argv if argv is not None else sys.argv[1:])]
     return subprocess.run(
-        cmd, check=False, env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        cmd,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **allocator_env()},
     ).returncode
 
 

@@ -10,6 +10,9 @@ in memory the other has freed. Usage::
 
     flock /tmp/cellvi-bench.lock .venv/bin/python benchmarks/scar.py \
         [--n-cells 2000 --n-genes 2000 --n-empty 20000 --epochs 100] [--json PATH]
+
+Both sides run with the glibc heap thresholds that cellvi's training sets for its process
+(``_common.same_allocator``, set before anything is timed).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Report, add_json_argument, measure
+from _common import Report, add_json_argument, measure, same_allocator
 
 
 def timed(fn):
@@ -128,6 +131,7 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help=argparse.SUPPRESS)
     add_json_argument(parser)
     args = parser.parse_args()
+    same_allocator()
     if args.memory_worker:
         _memory_worker(args)
         return

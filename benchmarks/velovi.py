@@ -19,6 +19,8 @@ the order swaps every round, and medians are reported, so that load changes hit 
 wall-clock and CPU (process) time; on a shared machine, CPU time is the steadier figure. Directional uncertainty runs with ``n_jobs=1`` on both sides by default (one thread each, so that
 CPU time counts all the work; the original's default ``n_jobs=-1`` starts joblib worker processes whose
 CPU time the parent does not see): ``--uncertainty-n-jobs -1`` runs the page's default instead.
+Both sides run with the glibc heap thresholds that cellvi's training sets for its process
+(``_common.same_allocator``, set before anything is timed).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import Report, add_json_argument, alternating, measure, paired_difference
+from _common import Report, add_json_argument, alternating, measure, paired_difference, same_allocator
 
 #: Direction of every quality metric (all are agreement with the simulated truth).
 _BETTER = "higher"
@@ -94,6 +96,7 @@ def main() -> None:
     )
     add_json_argument(parser)
     args = parser.parse_args()
+    same_allocator()
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     for flag in ("train_repeats", "quality_seeds"):

@@ -12,6 +12,8 @@ from scvi.module.base import LossOutput
 from scvi.train import TrainingPlan
 from scvi.train._logger import SimpleExperiment, SimpleLogger
 
+from ._malloc import keep_heap_pages
+
 #: Fixed slots of the per-epoch sums, before the extra metrics of the loss.
 _SLOTS = ("loss", "reconstruction", "kl_local", "kl_global", "n_obs", "n_steps", "ce", "correct", "n_labeled")
 
@@ -78,7 +80,7 @@ class EpochMetricsTrainingPlan(TrainingPlan):
     per metric on a CPU; under DDP the per-process sums are added up first (exact epoch means).
     Losses, optimisers, KL warm-up and learning-rate schedulers are scvi-tools'.
 
-    Three further differences, none of which changes what is optimised:
+    Four further differences, none of which changes what is optimised:
 
     - Adam / AdamW use PyTorch's fused kernel on CPU and CUDA parameters (the same update in one
       pass over the parameters; unfused Adam costs several milliseconds per step on a CPU).
@@ -87,6 +89,8 @@ class EpochMetricsTrainingPlan(TrainingPlan):
     - The module is put in training mode when fitting starts. scvi-tools leaves it in eval mode after
       ``train``, and Lightning (>= 2.4) keeps each submodule's mode, so a second ``train`` call would
       otherwise train with batch norm and dropout frozen.
+    - On Linux with glibc, freed heap pages stay mapped between steps (:func:`cellvi._malloc.keep_heap_pages`,
+      process-wide; ``CELLVI_KEEP_HEAP_PAGES=0`` turns it off).
     """
 
     def __init__(self, module, **kwargs):
@@ -109,8 +113,10 @@ class EpochMetricsTrainingPlan(TrainingPlan):
         return create
 
     def on_fit_start(self) -> None:
-        """Put the module in training mode (a second ``train`` call must not train it frozen), and
-        record the history with :class:`EpochHistory` under scvi-tools' default logger."""
+        """Put the module in training mode (a second ``train`` call must not train it frozen), record the
+        history with :class:`EpochHistory` under scvi-tools' default logger, and keep freed heap pages
+        mapped between steps (:func:`cellvi._malloc.keep_heap_pages`)."""
+        keep_heap_pages()
         self.module.train()
         logger = self.trainer.logger
         if type(logger) is SimpleLogger:
