@@ -10,10 +10,10 @@ ratios (> 1: cellvi is faster); ``--json PATH`` also writes them (``benchmarks/_
 
 Both models get the same data, seed, epochs, batch size (256), posterior samples and the rest of their
 defaults; each is warmed up by one epoch first. Ground-truth quality is the mean over ``--quality-seeds``
-simulated datasets (default 5, seeds ``--seed`` onwards; one model per side and seed), with the paired
+simulated datasets (default 8, seeds ``--seed`` onwards; one model per side and seed), with the paired
 differences and their standard errors: on one dataset a metric moved by up to 0.04 between two cellvi
 versions that differed only in float rounding. Each side trains ``--train-repeats`` fresh models
-(default 3; one 200-epoch training of cellvi took 16-21 s CPU in different processes), and the post-hoc
+(default 5; one 200-epoch training of cellvi took 9-14 s CPU in one session's runs), and the post-hoc
 methods run ``--repeats`` times each (default 5) after all models are trained; the two sides alternate,
 the order swaps every round, and medians are reported, so that load changes hit both sides. Timings are
 wall-clock and CPU (process) time; on a shared machine, CPU time is the steadier figure. Directional uncertainty runs with ``n_jobs=1`` on both sides by default (one thread each, so that
@@ -87,11 +87,11 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=5, help="calls of each post-hoc method per model (medians reported)"
     )
-    parser.add_argument("--train-repeats", type=int, default=3, help="trainings per model (medians reported)")
+    parser.add_argument("--train-repeats", type=int, default=5, help="trainings per model (medians reported)")
     parser.add_argument(
         "--quality-seeds",
         type=int,
-        default=5,
+        default=8,
         help="simulated datasets (seeds --seed, --seed + 1, ...) whose mean quality is compared",
     )
     add_json_argument(parser)
