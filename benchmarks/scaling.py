@@ -307,6 +307,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     common = _load_common()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.update(common.allocator_env())  # cellvi's heap thresholds (cellvi._malloc), for the originals too
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     env["CELLVI_SCALING_AMICI_KWARGS"] = json.dumps(_amici_model_kwargs())
     print(

@@ -8,13 +8,17 @@ back and faulted in again, page by page, on every step: for VELOVI on 1000 cells
 page faults per epoch (about 1.6 us each) and 185-199 ms per epoch, against 120-200 faults and 150-154 ms
 with the pages kept (the original veloVI, same process: 420-445 ms either way).
 
-:func:`keep_heap_pages` fixes both thresholds where glibc's own adjustment tops out on 64-bit systems
-(``mmap`` from 32 MiB, trim above 64 MiB free), so the pages stay mapped and are reused. The setting
-is process-wide (every later ``malloc`` in the process sees it) and only changes when memory goes back
-to the system, not how much is used; glibc reaches the same state by itself once a process frees a
-32 MiB block. Every cellvi training calls it when fitting starts. It does nothing outside glibc, when
-either threshold is already set through glibc's ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``
-environment variables, or when ``CELLVI_KEEP_HEAP_PAGES=0``.
+:func:`keep_heap_pages` fixes both thresholds near where glibc's own adjustment tops out on 64-bit systems
+(blocks from 32 MiB are mapped, the heap is trimmed above 64 MiB free), so the pages stay mapped and are
+reused. The setting is process-wide and lasts for the process (``mallopt`` also ends glibc's dynamic
+adjustment). It changes when memory goes back to the system, not what is allocated: up to 64 MiB of free
+heap stays mapped, and blocks under 32 MiB come from the heap, where fragmentation can keep freed memory
+mapped. glibc's dynamic adjustment moves towards the same values by itself whenever a process frees a
+large mapped block. Every cellvi training calls it when fitting starts (on any accelerator: the CPU side of
+a GPU training allocates too). It does nothing outside glibc, when either threshold is already set (glibc's
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` environment variables or ``GLIBC_TUNABLES``), when
+another allocator is preloaded (``LD_PRELOAD`` naming jemalloc, tcmalloc or mimalloc), or when
+``CELLVI_KEEP_HEAP_PAGES=0``.
 """
 
 from __future__ import annotations
@@ -51,6 +55,17 @@ def _set_thresholds() -> bool:
         return False
     if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False  # the user's own glibc settings
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "malloc.mmap_threshold" in tunables or "malloc.trim_threshold" in tunables:
+        return False
+    preload = os.environ.get("LD_PRELOAD", "").lower()
+    if any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")):
+        return False  # glibc's malloc is not the one in use
+    return _apply()
+
+
+def _apply() -> bool:
+    """``mallopt`` both thresholds (glibc on Linux only); whether both were set."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:
