@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 from scvi.module.base import LossOutput
 from scvi.train import TrainingPlan
+from scvi.train import TrainRunner as _ScviTrainRunner
 from scvi.train._logger import SimpleExperiment, SimpleLogger
 
 from ._malloc import keep_heap_pages
@@ -239,3 +240,16 @@ class EpochMetricsTrainingPlan(TrainingPlan):
         """Log the epoch's validation metrics (early stopping reads ``elbo_validation``)."""
         self._log_epoch("validation")
         super().on_validation_epoch_end()
+
+
+class TrainRunner(_ScviTrainRunner):
+    """scvi-tools' :class:`~scvi.train.TrainRunner`, reading ``callbacks=None`` as no callbacks.
+
+    scvi-tools' Trainer appends its early-stopping and checkpoint callbacks to the ``callbacks`` it is given
+    and fails (``AttributeError``) on an explicit ``callbacks=None``, a value Lightning's own Trainer accepts.
+    """
+
+    def __init__(self, *args, **trainer_kwargs):
+        if "callbacks" in trainer_kwargs and trainer_kwargs["callbacks"] is None:
+            trainer_kwargs["callbacks"] = []
+        super().__init__(*args, **trainer_kwargs)

@@ -109,3 +109,27 @@ def test_epoch_metrics_reach_callbacks_progress_bar_and_loggers(trained_velovi):
     assert history["elbo_validation"].index.tolist() == [0, 1, 2]
     # the KL weight of each epoch is the one reached at its end (scvi-tools' linear warm-up)
     assert np.all(np.diff(history["kl_weight"].to_numpy(float).ravel()) > 0)
+
+
+def _scar():
+    adata, _ = cellvi.data.simulate_ambient(n_cells=120, n_genes=40, n_empty=400, seed=0)
+    cellvi.SCAR.setup_anndata(adata)
+    return cellvi.SCAR(adata, n_hidden=16, n_latent=4)
+
+
+def _amici():
+    adata = cellvi.data.simulate_spatial(n_cells=200, n_genes=40, seed=0)
+    cellvi.AMICI.setup_anndata(adata, labels_key="cell_type", coord_obsm_key="spatial", n_neighbors=8)
+    tiny = {"n_heads": 2, "n_head_size": 8, "n_query_dim": 8, "n_query_embed_hidden": 16, "n_nn_embed": 16}
+    return cellvi.AMICI(adata, **tiny, n_nn_embed_hidden=16, n_kv_dim=16, n_pos_coef_mlp_hidden=8)
+
+
+@pytest.mark.parametrize(
+    "make_model", [_scar, _velovi, _fadvi, _amici], ids=["scar", "velovi", "fadvi", "amici"]
+)
+def test_explicit_callbacks_none_trains_with_early_stopping(make_model):
+    # scvi-tools' Trainer appends its callbacks to `callbacks` and fails on an explicit None
+    model = make_model()
+    model.train(max_epochs=2, early_stopping=True, callbacks=None, enable_progress_bar=False)
+    assert model.is_trained
+    assert len(model.history["elbo_train"]) == 2

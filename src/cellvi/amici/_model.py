@@ -16,12 +16,11 @@ from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
 from scvi.model._utils import use_distributed_sampler
 from scvi.model.base import BaseModelClass, VAEMixin
 from scvi.model.base._base_model import _SETUP_ARGS_KEY
-from scvi.train import TrainRunner
 from scvi.utils import track
 
 from cellvi._base import RegistryMixin
 from cellvi._io import atomic_path
-from cellvi._training import EpochMetricsTrainingPlan
+from cellvi._training import EpochMetricsTrainingPlan, TrainRunner
 from cellvi._validation import (
     check_layer,
     check_obs_key,

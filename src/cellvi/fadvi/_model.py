@@ -26,9 +26,10 @@ from scvi.model.base import ArchesMixin, BaseModelClass, RNASeqMixin, Unsupervis
 from scvi.utils import setup_anndata_dsp
 
 from .._base import RegistryMixin
+from .._training import TrainRunner
 from .._validation import check_counts, check_layer, check_obs_key, get_matrix, layer_arg
 from ..dataloaders import SemiSupervisedDataPathMixin, make_data_loader, with_data_path
-from ._constants import BLOCKS, PREDICTION_MODES, REPRESENTATIONS
+from ._constants import PREDICTION_MODES, REPRESENTATIONS
 from ._module import FADVAE
 from ._plan import FADVITrainingPlan
 
@@ -190,6 +191,7 @@ class FADVI(
 
     _module_cls = FADVAE
     _training_plan_cls = FADVITrainingPlan
+    _train_runner_cls = TrainRunner
     _data_loader_cls = staticmethod(make_data_loader)
 
     def __init__(

@@ -29,6 +29,7 @@ from cellvi._validation import (
 )
 from cellvi.dataloaders import DataPathMixin, make_data_loader
 
+from .._training import TrainRunner
 from . import _assign, _profile
 from ._fields import LogBinomialConstantField
 from ._module import SCARModule
@@ -107,6 +108,7 @@ class SCAR(RegistryMixin, DataPathMixin, RNASeqMixin, VAEMixin, UnsupervisedTrai
 
     _module_cls = SCARModule
     _training_plan_cls = SCARTrainingPlan
+    _train_runner_cls = TrainRunner
     _data_loader_cls = staticmethod(make_data_loader)
 
     def __init__(

@@ -16,12 +16,12 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import LayerField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin, VAEMixin
 from scvi.module._constants import MODULE_KEYS
-from scvi.train import TrainRunner
 
 from cellvi._base import RegistryMixin
 from cellvi._validation import check_counts, check_layer, check_obs_key, check_positive_int, row_sums
 from cellvi.dataloaders import DATA_PATH_DOC, DataSplitter, make_data_loader
 
+from .._training import TrainRunner
 from ._constants import STATE_NAMES, VELOVI_REGISTRY_KEYS
 from ._module import VELOVAE
 from ._stats import (
