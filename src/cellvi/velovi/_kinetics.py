@@ -18,12 +18,12 @@ EPS = 1e-6
 _NEAR_EQUAL = 1e-4
 
 
-def _expm1_only(d: torch.Tensor, small: torch.Tensor | None = None) -> bool:
-    """Inference with per-gene rate differences ``d``, none near-equal (``small``, computed when not
-    given, all False): the ``expm1`` formula alone gives the value (no limit branch to keep)."""
-    if torch.is_grad_enabled() or d.dim() > 1:
+def _expm1_only(gap: torch.Tensor) -> bool:
+    """Inference with per-gene rate gaps ``gap`` (``>= 0``), none near-equal: the ``expm1`` formula alone
+    gives the value (no limit branch to keep)."""
+    if torch.is_grad_enabled() or gap.dim() > 1:
         return False
-    return not bool((d.abs() < _NEAR_EQUAL if small is None else small).any())
+    return not bool((gap < _NEAR_EQUAL).any())
 
 
 def _taylor_ratio(d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -65,8 +65,7 @@ def exp_diff(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     overflows to ``inf`` for ``(a - b) t > 88`` in float32, and gives NaN where ``exp(-a t)`` underflows).
     """
     low, gap, _ = _low_and_gap(a, b)
-    small = gap < _NEAR_EQUAL
-    if _expm1_only(gap, small):
+    if _expm1_only(gap):
         # inference with per-gene rates, none near-equal: the expm1 branch alone (the same values;
         # 6 instead of 12 passes over t's (samples, cells, genes))
         return torch.exp(-low * t).mul_(torch.expm1(-gap * t).div_(-gap))

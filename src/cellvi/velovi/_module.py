@@ -68,9 +68,8 @@ def _noise_and_boost(d0: torch.Tensor, c0: torch.Tensor) -> tuple[torch.Tensor, 
                 dd = flat_d[todo].repeat(_CANDIDATES)
                 e = torch.randn_like(dd)
                 lb, ok_t = _marsaglia_tsang(dd, flat_c[todo].repeat(_CANDIDATES), e, _log_uniform(dd))
-                pick, got = _first_accepted(ok_t.view(_CANDIDATES, -1))
-                eps[todo[got]] = e.view(_CANDIDATES, -1).gather(0, pick)[0, got]
-                log_boost[todo[got]] = lb.view(_CANDIDATES, -1).gather(0, pick)[0, got]
+                got, (e, lb) = _first_accepted(ok_t, e, lb)
+                eps[todo[got]], log_boost[todo[got]] = e[got], lb[got]
                 todo = todo[~got]
             eps, log_boost = eps.view_as(d0), log_boost.view_as(d0)
     return eps, log_boost
@@ -86,11 +85,13 @@ _CANDIDATES = 3
 _REDRAW_ROUNDS = 32
 
 
-def _first_accepted(ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(index, any)`` per column of the ``(trials, m)`` acceptance mask ``ok``: the first accepted trial's
-    row (``(1, m)``, for ``gather``; 0 where none was) and whether one was."""
+def _first_accepted(ok: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Of :data:`_CANDIDATES` trials per entry, laid out trial-major (``(trials * m,)``, as ``repeat`` gives):
+    whether one was accepted (``(m,)``) and, for each of ``values``, the first accepted trial's value per
+    entry (the first trial's where none was)."""
+    ok = ok.reshape(_CANDIDATES, -1)
     pick = ok.to(torch.uint8).argmax(0, keepdim=True)
-    return pick, ok.gather(0, pick)[0]
+    return ok.gather(0, pick)[0], [v.reshape(_CANDIDATES, -1).gather(0, pick)[0] for v in values]
 
 
 #: Elements per pass of the gradient-free samplers: their dozen temporaries of this size stay in a core's
@@ -278,8 +279,7 @@ def _redraw_rejected(a, out, todo, trial=None, rounds: int | None = None) -> Non
             value, ok = trial(shapes)
         else:
             value, ok = trial(shapes.repeat(k))
-            pick, ok = _first_accepted(ok.reshape(k, -1))
-            value = value.reshape(k, -1).gather(0, pick)[0]
+            ok, (value,) = _first_accepted(ok, value)
         out[todo[ok]] = value[ok]
         todo = todo[~ok]
 
@@ -325,7 +325,8 @@ def dirichlet_log_rsample(concentration: torch.Tensor, dim: int = -1) -> torch.T
 class _DirichletLogRsample(torch.autograd.Function):
     """:func:`log_gamma_rsample` normalised along ``dim`` in log space, with a hand-written gradient.
 
-    The same draws and values as ``log_x - logsumexp(log_x)`` with ``log_x = log_gamma_rsample(a)``;
+    The same draws as ``log_x - logsumexp(log_x)`` with ``log_x = log_gamma_rsample(a)``, and its values to
+    float rounding (``log(w)`` here, ``log1p(c eps)`` there);
     ``d log_x / d a = 1 / d - 1.5 c eps / (d w) - log_boost / a^2`` (``d = a + 2/3``, ``c = (9 d)^(-1/2)``,
     ``w = 1 + c eps``) is formed in the forward pass, and the backward pass is the softmax's: about 40
     array operations fewer per training step than autograd's graph of the same expressions.
