@@ -234,16 +234,15 @@ def _inner(args) -> None:
         return bool(at_least_as_good(row))
 
     # paired over seeds (both models see the same data per seed): mean difference and its standard error
-    diff = {k: values["cellvi"][k] - values["fadvi"][k] for k in keys}
-    diff_se = {k: paired_difference(values["cellvi"][k], values["fadvi"][k])[1] for k in keys}
+    paired = {k: paired_difference(values["cellvi"][k], values["fadvi"][k]) for k in keys}  # (mean, se)
     table = pd.DataFrame(
         {
             "fadvi mean": [f[k] for k in keys],
             "fadvi sd": [sd["fadvi"][k] for k in keys],
             "cellvi mean": [c[k] for k in keys],
             "cellvi sd": [sd["cellvi"][k] for k in keys],
-            "cellvi - fadvi": [float(diff[k].mean()) for k in keys],
-            "paired se": [diff_se[k] for k in keys],
+            "cellvi - fadvi": [paired[k][0] for k in keys],
+            "paired se": [paired[k][1] for k in keys],
             "better": [b for _, _, b in _QUALITY],
             "cellvi at least as good": ["yes" if as_good(k, b) else "NO" for k, _, b in _QUALITY],
         },
@@ -308,7 +307,7 @@ def _inner(args) -> None:
     )
     report.note(
         "paired differences cellvi - fadvi over the seeds (mean, standard error): "
-        + "; ".join(f"{label} {float(diff[k].mean()):+.3f} (se {diff_se[k]:.3f})" for k, label, _ in _QUALITY)
+        + "; ".join(f"{label} {paired[k][0]:+.3f} (se {paired[k][1]:.3f})" for k, label, _ in _QUALITY)
     )
     report.note(
         f"z_b->label floor from batch composition alone (probe on the batch one-hot): {floor_mean:.3f} "
